@@ -5,7 +5,7 @@ TensorFlow is not a gptforge dependency; run this from a scratch environment:
     python -m venv /tmp/tfenv && /tmp/tfenv/bin/pip install tensorflow-cpu numpy
     /tmp/tfenv/bin/python scripts/make_tf_fixture.py
 
-It writes two directories under tests/fixtures/ (or under --out):
+It writes three directories under tests/fixtures/ (or under --out):
 
 * tf_gpt2_tiny/: a random GPT-2 in exactly the layout of OpenAI's released
   checkpoints (variable names, [1, in, out] conv weights, hparams.json, the
@@ -14,6 +14,8 @@ It writes two directories under tests/fixtures/ (or under --out):
 * tf_dtypes_tiny/: one tensor of each dtype the reader supports (and a string, a
   scalar and an empty tensor), saved with the raw SaveV2 op, plus expected.npz
   (bfloat16 values stored there already widened to float32, strings as bytes).
+* tf_sharded_tiny/: variables on two devices saved by a sharded Saver (two data
+  files), plus a partitioned variable, plus expected.npz for the unpartitioned ones.
 """
 
 from __future__ import annotations
@@ -107,6 +109,30 @@ def write_dtypes(out: Path, tf) -> None:
     np.savez(out / "expected.npz", **expected)
 
 
+def write_sharded(out: Path, tf) -> None:
+    """Save variables on two devices with a sharded Saver: two data files, one index.
+
+    The checkpoint also holds a partitioned variable, stored as slices.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    tf1 = tf.compat.v1
+    values = {"on_cpu0": np.arange(6, dtype=np.float32).reshape(2, 3),
+              "on_cpu1": np.arange(4, dtype=np.int32)}
+    graph = tf.Graph()
+    with graph.as_default():
+        for i, (name, value) in enumerate(values.items()):
+            with tf.device(f"/cpu:{i}"):
+                tf1.get_variable(name, initializer=value)
+        tf1.get_variable("partitioned", shape=(4, 2), initializer=tf1.ones_initializer(),
+                         partitioner=tf1.fixed_size_partitioner(2))
+        saver = tf1.train.Saver(sharded=True, save_relative_paths=True)
+        config = tf1.ConfigProto(device_count={"CPU": 2})
+        with tf1.Session(graph=graph, config=config) as sess:
+            sess.run(tf1.global_variables_initializer())
+            saver.save(sess, str(out / "model.ckpt"), write_meta_graph=False)
+    np.savez(out / "expected.npz", **values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
@@ -114,8 +140,12 @@ def main() -> None:
     args = parser.parse_args()
     import tensorflow as tf  # only this script needs TensorFlow
 
+    # Two logical CPUs, so that a sharded Saver writes two data files.
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     write_gpt2(args.out / "tf_gpt2_tiny", tf)
     write_dtypes(args.out / "tf_dtypes_tiny", tf)
+    write_sharded(args.out / "tf_sharded_tiny", tf)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ def _add_pretrain(sub) -> None:
                    help="preset to train from scratch, or a checkpoint to continue from")
     p.add_argument("--context-length", type=_positive_int, default=256)
     p.add_argument("--dropout", type=float, default=None, help="dropout rate (preset default 0.1)")
+    for flag in ("--n-layers", "--emb-dim", "--n-heads"):
+        p.add_argument(flag, type=_positive_int, default=None,
+                       help="change the preset's shape (a smaller model trains faster)")
     p.add_argument("--text", nargs="+", default=None,
                    help="text files, directories or globs (default: The Verdict)")
     p.add_argument("--data", default=None, help="token file made by `gptforge prepare`")
@@ -131,7 +134,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                             stride=args.stride)
         cfg = train_config_from_args(args)
         torch.manual_seed(cfg.seed)
-        model = build_or_load_model(args.model, args.context_length, args.dropout)
+        shape = {k: getattr(args, k) for k in ("n_layers", "emb_dim", "n_heads")
+                 if getattr(args, k) is not None}
+        model = build_or_load_model(args.model, args.context_length, args.dropout, **shape)
         name = Path(args.data).stem if args.data else (Path(args.text[0]).stem if args.text else "verdict")
         out = Path(args.out) if args.out else default_run_dir(f"{Path(args.model).name}-{name}")
         if args.out and (out / "training_state.pt").exists():

@@ -149,7 +149,7 @@ class GPTModel(nn.Module):
     `forward(idx, start_pos=p)` processes only the new tokens at positions p, p+1, ...
     """
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, init: str = "gpt2") -> None:
         super().__init__()
         self.cfg = cfg
         self.emb = GPTEmbeddings(cfg.vocab_size, cfg.emb_dim, cfg.context_length)
@@ -159,11 +159,18 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.emb.tok.weight
+        if init == "gpt2":
+            self._init_gpt2()
+        elif init != "torch":  # "torch": PyTorch's default layer init, as the book's model has
+            raise ValueError(f"init must be 'gpt2' or 'torch', not {init!r}")
+
+    def _init_gpt2(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, and the layers that
+        write into the residual stream scaled down by 1/sqrt(2 * n_layers)."""
         self.apply(self._init_weights)
-        # GPT-2 scales the layers that write into the residual stream by 1/sqrt(2 * n_layers).
         for block in self.blocks:
             for layer in (block.attn.proj, block.ff.proj):
-                nn.init.normal_(layer.weight, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+                nn.init.normal_(layer.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

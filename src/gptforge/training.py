@@ -241,8 +241,11 @@ class Trainer:
     def _loader(self, data: Dataset | None, sampler: Sampler | None) -> DataLoader | None:
         if data is None or sampler is None or len(sampler) == 0:
             return None
+        # A private generator: creating a loader iterator must not draw from the global RNG,
+        # or a resumed run's dropout masks would differ from an uninterrupted run's.
         return DataLoader(data, batch_sampler=sampler, collate_fn=self.collate_fn,
-                          num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+                          num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def _total_steps(self, data: Dataset) -> int:
         cfg = self.cfg
@@ -335,8 +338,14 @@ class Trainer:
     def _evaluate_and_log(self, recent_losses: list[float], tokens_per_s: float) -> dict:
         n = self.cfg.eval_batches
         train, val = self.evaluate(self.train_eval_loader, n), self.evaluate(self.val_loader, n)
+        loss = torch.tensor(sum(recent_losses) / max(1, len(recent_losses)), dtype=torch.float64)
+        if self.world_size > 1:  # each process saw its share of the batch: average them
+            import torch.distributed as dist
+
+            dist.all_reduce(loss)
+            loss /= self.world_size
         record = {"step": self.step, "epoch": self.epoch + 1, "tokens_seen": self.tokens_seen,
-                  "loss": sum(recent_losses) / max(1, len(recent_losses)),
+                  "loss": float(loss),
                   "train_loss": train.get("loss"), "val_loss": val.get("loss"),
                   "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s}
         for name in self.metrics:

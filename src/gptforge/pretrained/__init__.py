@@ -1,4 +1,4 @@
-"""Pretrained GPT-2 weights: read OpenAI's TensorFlow checkpoints and Hugging Face files, convert, save.
+"""Pretrained GPT-2 weights: read OpenAI's TensorFlow and Hugging Face checkpoints, convert, save.
 
 Each source is read into one flat GPT-2 naming, then one table (names.py) maps it
 onto gptforge's parameters.

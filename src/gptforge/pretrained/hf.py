@@ -15,8 +15,8 @@ import json
 import os
 import re
 import struct
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -137,8 +137,9 @@ def hf_config(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict:
         "tie_word_embeddings": cfg.tie_weights,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    if cfg.vocab_size > 50256:  # GPT-2's <|endoftext|>; unknown for other vocabularies
-        config["bos_token_id"] = config["eos_token_id"] = 50256
+    # GPT-2's <|endoftext|> is token 50256; for a smaller vocabulary it is unknown.
+    end_of_text = 50256 if cfg.vocab_size > 50256 else None
+    config["bos_token_id"] = config["eos_token_id"] = end_of_text
     return config
 
 
@@ -208,7 +209,8 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
     offset = 0
     for name, tensor in tensors.items():
         if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors "
+                             f"cannot store")
         nbytes = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + nbytes]}

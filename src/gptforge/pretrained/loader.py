@@ -1,4 +1,4 @@
-"""Load a GPTModel from any GPT-2 source: OpenAI's TF files, Hugging Face, gptforge, or a preset name.
+"""Load a GPTModel from any GPT-2 source: OpenAI's TF files, Hugging Face, gptforge, a preset.
 
 Whatever the source, the path is the same: read it into the flat GPT-2 naming
 (openai.py, hf.py), map that onto gptforge's parameters (names.py), and build the
@@ -45,8 +45,10 @@ def detect_format(path: str | Path) -> str:
             return "hf"
     elif path.suffix == ".safetensors" and path.is_file():
         return "hf"
-    elif (path.suffix == ".index" and path.is_file()) or path.with_name(path.name + ".index").is_file():
-        return "openai"  # a checkpoint prefix or its index file
+    elif path.suffix == ".index" and path.is_file():
+        return "openai"
+    elif path.with_name(path.name + ".index").is_file():
+        return "openai"  # a checkpoint prefix
     raise FileNotFoundError(f"{path} is not a model checkpoint; looked for {_LOOKED_FOR}")
 
 

@@ -16,7 +16,8 @@ tensors are transposed on the way (nn.Linear stores [out, in]).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,7 +111,8 @@ def flat_to_gptforge(flat: Mapping[str, Tensorish], cfg: GPTConfig, *,
     return state
 
 
-def gptforge_to_flat(state_dict: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+def gptforge_to_flat(state_dict: Mapping[str, torch.Tensor],
+                     cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """Turn a gptforge state dict into flat-named GPT-2 tensors (the inverse of flat_to_gptforge).
 
     Transposed weights come back as views, not copies. With `cfg.tie_weights`

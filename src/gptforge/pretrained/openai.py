@@ -1,4 +1,4 @@
-"""Read OpenAI's released GPT-2 checkpoints (TensorFlow files plus hparams.json) into the flat naming.
+"""Read OpenAI's released GPT-2 checkpoints (TensorFlow + hparams.json) into the flat naming.
 
 OpenAI's directory holds `hparams.json`, the `checkpoint` bookkeeping file and
 `model.ckpt.{index,data-00000-of-00001,meta}`. Variables are named
@@ -46,7 +46,8 @@ def config_from_hparams(hparams: dict) -> GPTConfig:
     keys = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
     missing = [k for k in keys if k not in hparams]
     if missing:
-        raise ValueError(f"{HPARAMS_NAME} lacks {', '.join(missing)}; it needs all of {', '.join(keys)}")
+        raise ValueError(f"{HPARAMS_NAME} lacks {', '.join(missing)}; it needs all of "
+                         f"{', '.join(keys)}")
     return GPTConfig(
         vocab_size=int(hparams["n_vocab"]), context_length=int(hparams["n_ctx"]),
         emb_dim=int(hparams["n_embd"]), n_heads=int(hparams["n_head"]),
@@ -64,7 +65,8 @@ def tf_to_flat_name(name: str) -> str | None:
     return None
 
 
-def read_openai_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[GPTConfig, dict[str, np.ndarray]]:
+def read_openai_checkpoint(path: str | Path, *,
+                           verify: bool = True) -> tuple[GPTConfig, dict[str, np.ndarray]]:
     """Read an OpenAI GPT-2 directory into (config, flat-named tensors).
 
     `path` is the directory with `hparams.json` and the TF checkpoint (or the

@@ -18,9 +18,9 @@ import logging
 import math
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -102,7 +102,8 @@ def _parse_proto(buf: bytes, what: str) -> dict[int, list[int | bytes]]:
         elif wire_type == 2:
             length, pos = _read_varint(buf, pos, what)
             if pos + length > len(buf):
-                raise TFCheckpointError(f"truncated {what}: a field of {length} bytes runs past the end")
+                raise TFCheckpointError(
+                    f"truncated {what}: a field of {length} bytes runs past the end")
             value = bytes(buf[pos:pos + length])
             pos += length
         else:
@@ -140,8 +141,8 @@ def _read_table(data: bytes, name: str) -> Iterator[tuple[bytes, bytes]]:
     footer = data[-_FOOTER_SIZE:]
     if struct.unpack("<Q", footer[-8:])[0] != _TABLE_MAGIC:
         raise TFCheckpointError(
-            f"{name} is not a TensorFlow checkpoint index (no table magic number at its end); it may "
-            f"be truncated or a different file; copy or download the checkpoint again")
+            f"{name} is not a TensorFlow checkpoint index (no table magic number at its end); "
+            f"it may be truncated or a different file; copy or download the checkpoint again")
     _, pos = _read_varint(footer, 0, f"footer of {name}")  # metaindex offset (unused)
     _, pos = _read_varint(footer, pos, f"footer of {name}")  # metaindex size
     index_offset, pos = _read_varint(footer, pos, f"footer of {name}")
@@ -184,7 +185,8 @@ def _block_entries(block: bytes, name: str) -> Iterator[tuple[bytes, bytes]]:
     n_restarts = struct.unpack("<I", block[-4:])[0]
     entries_end = len(block) - 4 - 4 * n_restarts
     if entries_end < 0:
-        raise TFCheckpointError(f"corrupt {what}: restart count {n_restarts} does not fit the block")
+        raise TFCheckpointError(
+            f"corrupt {what}: restart count {n_restarts} does not fit the block")
     key = b""
     pos = 0
     while pos < entries_end:
@@ -335,10 +337,13 @@ class TFCheckpointReader:
                                        big_endian=_last_int(fields, 2) == 1)
                 saw_header = True
                 continue
+            if key.startswith(b"\x00"):
+                continue  # one slice of a partitioned variable (binary key); see read()
             try:
                 name = key.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise TFCheckpointError(f"corrupt {index_path}: a tensor name is not UTF-8") from err
+                raise TFCheckpointError(
+                    f"corrupt {index_path}: a tensor name is not UTF-8") from err
             self._entries[name] = _parse_entry(name, value)
         if not saw_header:
             raise TFCheckpointError(
@@ -450,8 +455,8 @@ class TFCheckpointReader:
                     f"all {self._header.num_shards} data shard(s) next to it")
             if path.stat().st_size == 0:
                 self._shards[shard_id] = np.zeros(0, dtype=np.uint8)
-            else:
-                self._shards[shard_id] = np.memmap(path, dtype=np.uint8, mode="r")
+            else:  # a plain ndarray view; the mapping stays open while any view lives
+                self._shards[shard_id] = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
         return self._shards[shard_id]
 
 

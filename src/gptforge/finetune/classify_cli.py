@@ -1,0 +1,263 @@
+"""Command line for text classification: `gptforge finetune classify` and `gptforge classify`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from gptforge.cli import (
+    _positive_int,
+    _say,
+    add_train_args,
+    default_run_dir,
+    load_model_arg,
+    train_config_from_args,
+)
+
+# The book's chapter-6 settings, where they differ from TrainConfig's defaults.
+TRAIN_DEFAULTS = dict(epochs=5, batch_size=8, lr=5e-5, weight_decay=0.1, eval_every=50, eval_batches=5)
+
+
+def finetune_group(sub) -> argparse._SubParsersAction:
+    """The subcommands of `gptforge finetune`, created by whichever task module comes first
+    (and kept on the parser as `_gptforge_sub`, so every task module adds to the same group)."""
+    parser = sub.choices.get("finetune")
+    if parser is None:
+        parser = sub.add_parser("finetune", help="fine-tune a model for a task (classify, instruct)")
+        parser._gptforge_sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    return parser._gptforge_sub
+
+
+def add_commands(sub) -> None:
+    _add_finetune_classify(finetune_group(sub))
+    _add_classify(sub)
+
+
+# ------------------------------------------------------------------------------------
+# gptforge finetune classify
+
+def _add_finetune_classify(tasks) -> None:
+    from gptforge.finetune.classify import POOLINGS, TRAINABLE
+
+    p = tasks.add_parser(
+        "classify", help="fine-tune a classifier (default: the book's spam classifier)",
+        description="Replace the model's output head with a class head and fine-tune it on "
+                    "labelled texts. Without data flags: the SMS Spam Collection, balanced "
+                    "and split as in the book.")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="gpt2-small",
+                       help="model to start from: preset (downloads GPT-2), checkpoint or run directory")
+    model.add_argument("--init", default=None, metavar="PRESET",
+                       help="start from a fresh, untrained model of this preset instead of --model")
+    model.add_argument("--context-length", type=_positive_int, default=256,
+                       help="context length of an --init model")
+    for flag in ("--n-layers", "--emb-dim", "--n-heads"):
+        model.add_argument(flag, type=_positive_int, default=None, help="shape of an --init model")
+    model.add_argument("--dropout", type=float, default=0.0, help="dropout rate (book: 0.0)")
+    model.add_argument("--trainable", choices=TRAINABLE, default="last-block",
+                       help="what trains: the last block + final norm + head (book), all, "
+                            "the head only, or LoRA adapters + head")
+    model.add_argument("--lora-rank", type=_positive_int, default=16)
+    model.add_argument("--lora-alpha", type=float, default=16.0)
+    model.add_argument("--pooling", choices=POOLINGS, default="last-token",
+                       help="which outputs classify a text: its last real token, the last "
+                            "position (the book; padding included), or the mean over its tokens")
+    model.add_argument("--max-length", type=_positive_int, default=None,
+                       help="cut texts to this many tokens (default: the longest training text)")
+
+    data = p.add_argument_group("data (default: SMS Spam Collection)")
+    data.add_argument("--data", default=None, metavar="FILE",
+                      help="one CSV/TSV file, shuffled and split 70/10/20")
+    data.add_argument("--train", default=None, metavar="FILE", help="training CSV/TSV")
+    data.add_argument("--val", default=None, metavar="FILE", help="validation CSV/TSV")
+    data.add_argument("--test", default=None, metavar="FILE", help="test CSV/TSV")
+    data.add_argument("--text-column", default="Text")
+    data.add_argument("--label-column", default="Label")
+    data.add_argument("--split-seed", type=int, default=123, help="seed of the balancing and split")
+    data.add_argument("--book-quoting", action="store_true",
+                      help="read the spam file as the book's pandas code does (quotes glue a few "
+                           "lines together), to get exactly the book's split")
+
+    p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<data>-classifier)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
+    add_train_args(p, **TRAIN_DEFAULTS)
+    p.set_defaults(func=cmd_finetune_classify)
+
+
+def _load_splits(args: argparse.Namespace):
+    from gptforge.finetune.classify import TextSplits, read_examples, shuffle_split, sms_spam_splits
+
+    columns = dict(text_column=args.text_column, label_column=args.label_column)
+    if args.data and args.train:
+        raise ValueError("give either --data (split 70/10/20) or --train/--val/--test, not both")
+    if (args.val or args.test) and not args.train:
+        raise ValueError("--val and --test need --train")
+    if args.train:
+        return TextSplits(read_examples(args.train, **columns),
+                          read_examples(args.val, **columns) if args.val else [],
+                          read_examples(args.test, **columns) if args.test else []), Path(args.train).stem
+    if args.data:
+        return shuffle_split(read_examples(args.data, **columns), seed=args.split_seed), Path(args.data).stem
+    return sms_spam_splits(seed=args.split_seed, book_quoting=args.book_quoting), "sms-spam"
+
+
+def _build_model(args: argparse.Namespace):
+    from gptforge.checkpoint import is_gptforge_dir, load_model
+    from gptforge.model import GPTModel
+    from gptforge.pretrain import book_config, set_dropout
+
+    shape = {k: getattr(args, k) for k in ("n_layers", "emb_dim", "n_heads") if getattr(args, k)}
+    if args.init:
+        return GPTModel(book_config(args.init, args.context_length, drop_rate=args.dropout, **shape))
+    if shape:
+        raise ValueError("--n-layers/--emb-dim/--n-heads shape a fresh model; use them with --init")
+    model = load_model(args.model) if is_gptforge_dir(args.model) else load_model_arg(args.model)
+    set_dropout(model, args.dropout)
+    return model
+
+
+def _resumed_train_config(args: argparse.Namespace, run_dir: Path):
+    """The run's saved settings, with the flags given now that differ from the defaults."""
+    from gptforge.training import TrainConfig
+
+    given = train_config_from_args(args)
+    defaults = asdict(TrainConfig(**{**asdict(TrainConfig()), **TRAIN_DEFAULTS}))
+    saved = json.loads((run_dir / "train_config.json").read_text())
+    changed = {k: v for k, v in asdict(given).items() if v != defaults[k] and k != "betas"}
+    return TrainConfig(**{**saved, "betas": tuple(saved["betas"]), **changed})
+
+
+def cmd_finetune_classify(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptforge.finetune.classify import (
+        TextSplits,
+        format_report,
+        load_for_training,
+        prepare_classifier,
+        read_classifier_meta,
+        train_classifier,
+    )
+    from gptforge.finetune.lora import count_trainable
+
+    if args.resume:
+        out = Path(args.resume)
+        meta = read_classifier_meta(out)
+        cfg = _resumed_train_config(args, out)
+        model = load_for_training(out)
+        splits = TextSplits.load(out)
+        labels, pooling, max_length = meta["labels"], meta["pooling"], meta["max_length"]
+        extra = {k: meta[k] for k in ("source", "data") if k in meta}
+    else:
+        cfg = train_config_from_args(args)
+        splits, data_name = _load_splits(args)
+        labels = splits.label_names()
+        torch.manual_seed(cfg.seed)
+        model = prepare_classifier(_build_model(args), len(labels), args.trainable,
+                                   args.lora_rank, args.lora_alpha)
+        pooling, max_length = args.pooling, args.max_length
+        source = f"init:{args.init}" if args.init else args.model
+        out = Path(args.out) if args.out else default_run_dir(
+            f"{Path(args.init or args.model).name}-{data_name}-classifier")
+        if (out / "training_state.pt").exists():
+            raise SystemExit(f"error: {out} already holds a run; continue it with --resume {out} "
+                             f"or choose another --out")
+        extra = {"source": source, "data": data_name}
+    trainable, total = count_trainable(model)
+    _say(f"Classes: {', '.join(labels)}. Examples: {len(splits.train)} train, {len(splits.val)} "
+         f"validation, {len(splits.test)} test. Trainable parameters: {trainable:,} of {total:,}.")
+
+    def on_eval(r: dict) -> None:
+        val = f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "n/a"
+        _say(f"Ep {r['epoch']} (Step {r['step']:06d}): Train loss {r['train_loss']:.3f}, Val loss {val}")
+
+    def on_epoch_end(epoch: int, acc: dict) -> None:
+        val = f"{acc['val_accuracy'] * 100:.2f}%" if acc["val_accuracy"] is not None else "n/a"
+        _say(f"Training accuracy: {acc['train_accuracy'] * 100:.2f}% | Validation accuracy: {val}")
+
+    start = time.perf_counter()
+    run = train_classifier(model, splits, cfg, out, labels=labels, pooling=pooling,
+                           max_length=max_length, resume=bool(args.resume), on_eval=on_eval,
+                           on_epoch_end=on_epoch_end, progress=not args.no_progress, meta=extra)
+    minutes = (time.perf_counter() - start) / 60
+    if run.metrics is None:
+        _say(f"Training paused after {run.result.step} steps ({minutes:.2f} minutes); continue "
+             f"with --resume {out}")
+        return 0
+    _say(f"Training completed in {minutes:.2f} minutes.")
+    for split, name in (("train", "Training"), ("val", "Validation"), ("test", "Test")):
+        if f"{split}_accuracy" in run.metrics:
+            _say(f"{name} accuracy: {run.metrics[f'{split}_accuracy'] * 100:.2f}%")
+    if "test" in run.metrics:
+        _say(format_report(run.metrics["test"]))
+    _say(f"Classifier saved to {out}; try: gptforge classify --model {out} \"some text\"")
+    return 0
+
+
+# ------------------------------------------------------------------------------------
+# gptforge classify
+
+def _add_classify(sub) -> None:
+    p = sub.add_parser("classify", help="label texts with a fine-tuned classifier")
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--model", required=True, help="run directory of `gptforge finetune classify`")
+    p.add_argument("--file", default=None, help="CSV/TSV file of texts to classify")
+    p.add_argument("--text-column", default="Text", help="column of --file that holds the texts")
+    p.add_argument("--out", default=None,
+                   help="CSV to write --file's rows to, with predicted_label and probability added")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_classify)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import csv
+    import os
+
+    from tqdm.auto import tqdm
+
+    from gptforge.finetune.classify import TextClassifier, read_table, require_columns
+
+    if not args.texts and not args.file:
+        raise ValueError("nothing to classify: give texts as arguments or a file with --file")
+    if args.out and not args.file:
+        raise ValueError("--out writes the rows of --file; give --file too")
+    for n, text in enumerate(args.texts, 1):
+        if not text.strip():
+            raise ValueError(f"text {n} is empty; there is nothing to classify")
+    rows, columns = [], []
+    if args.file:
+        columns, rows = read_table(args.file)
+        require_columns(args.file, columns, [args.text_column], "choose it with --text-column")
+        for n, row in enumerate(rows, 1):
+            if not (row.get(args.text_column) or "").strip():
+                raise ValueError(f"{args.file}: row {n} has an empty text in column "
+                                 f"{args.text_column!r}; fill it in or remove the row")
+    classifier = TextClassifier.load(args.model, args.device)
+
+    for (label, prob), text in zip(classifier.predict(args.texts, args.batch_size), args.texts):
+        print(f"{label}\t{prob:.4f}\t{text}")
+    if not args.file:
+        return 0
+    texts = [row[args.text_column] for row in rows]
+    with tqdm(total=len(texts), unit="text", desc="classifying", dynamic_ncols=True) as bar:
+        predictions = classifier.predict(texts, args.batch_size, on_batch=bar.update)
+    if not args.out:
+        for (label, prob), text in zip(predictions, texts):
+            print(f"{label}\t{prob:.4f}\t{text}")
+        return 0
+    out = Path(args.out)
+    fields = columns + [c for c in ("predicted_label", "probability") if c not in columns]
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row, (label, prob) in zip(rows, predictions):
+            kept = {k: v for k, v in row.items() if k is not None}  # None: cells past the header
+            writer.writerow({**kept, "predicted_label": label, "probability": f"{prob:.6f}"})
+    os.replace(tmp, out)
+    _say(f"wrote {len(rows)} predictions to {out}")
+    return 0

@@ -1,0 +1,365 @@
+"""Commands for instruction-following models: `finetune instruct`, `merge-lora`, `chat`, `ask`,
+`evaluate-responses`. Each parses its flags and calls into gptforge.finetune.instruct / judge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from gptforge.cli import (_positive_int, _say, add_sampling_args, add_train_args, default_run_dir,
+                          load_model_arg, train_config_from_args)
+
+# The book's chapter-7 settings.
+TRAIN_DEFAULTS = dict(lr=5e-5, weight_decay=0.1, epochs=2, batch_size=8, eval_every=5, eval_batches=5)
+TEMPLATE_NAMES = ("alpaca", "phi3")
+
+
+def add_commands(sub) -> None:
+    """Register this module's subcommands on the top-level subparsers."""
+    _add_finetune_instruct(_finetune_group(sub))
+    _add_merge_lora(sub)
+    _add_chat(sub)
+    _add_ask(sub)
+    _add_evaluate_responses(sub)
+
+
+def _finetune_group(sub):
+    """The `finetune` command's sub-subparsers, shared with the other fine-tuning tasks."""
+    parser = sub.choices.get("finetune")
+    if parser is None:
+        parser = sub.add_parser("finetune", help="fine-tune a pretrained model for a task")
+        parser._gptforge_sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    return parser._gptforge_sub
+
+
+def _load_model(source: str, device: str = "cpu"):
+    """(model, metadata) for a run directory (full or LoRA), a checkpoint or a preset."""
+    from gptforge.checkpoint import is_gptforge_dir
+    from gptforge.finetune.instruct import load_instruct_model
+    from gptforge.finetune.lora import is_lora_run
+
+    if is_lora_run(source) or is_gptforge_dir(source):
+        return load_instruct_model(source, device)
+    return load_model_arg(source, device), {}
+
+
+def _template(name: str | None, meta: dict):
+    from gptforge.finetune.instruct import template_of
+    from gptforge.finetune.templates import get_template
+
+    return get_template(name) if name else template_of(meta)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    import torch
+
+    from gptforge.generate import check_sampling
+
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "generator": generator}
+
+
+# ------------------------------------------------------------------------------------
+# finetune instruct
+
+def _add_finetune_instruct(tasks) -> None:
+    p = tasks.add_parser("instruct", help="fine-tune a model to follow instructions (the book's chapter 7)")
+    p.add_argument("--model", default="gpt2-medium",
+                   help="preset, run directory or checkpoint to start from (default gpt2-medium)")
+    p.add_argument("--data", default=None,
+                   help="JSON or JSONL file of instruction/input/output entries "
+                        "(default: the book's instruction-data.json)")
+    p.add_argument("--template", choices=TEMPLATE_NAMES, default="alpaca")
+    p.add_argument("--mask-prompt", action="store_true",
+                   help="train only on the responses (prompt targets are ignored)")
+    p.add_argument("--max-length", type=_positive_int, default=1024,
+                   help="truncate examples to this many tokens (capped at the context length)")
+    p.add_argument("--lora-rank", type=_positive_int, default=None,
+                   help="train LoRA adapters of this rank instead of all weights")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale (default: the rank)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the model's)")
+    p.add_argument("--max-test", type=int, default=None,
+                   help="answer only the first N test entries (0: none; default: all)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256,
+                   help="longest test-set response in tokens")
+    p.add_argument("--gen-batch-size", type=_positive_int, default=8,
+                   help="test prompts of equal length answered together")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<model>-instruct)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
+    add_train_args(p, **TRAIN_DEFAULTS)
+    p.set_defaults(func=cmd_finetune_instruct)
+
+
+def cmd_finetune_instruct(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptforge.finetune.instruct import InstructOptions, finetune_instruct, load_run_for_resume
+    from gptforge.training import TrainConfig
+
+    if args.lora_alpha is not None and args.lora_rank is None:
+        raise ValueError("--lora-alpha needs --lora-rank")
+    cfg = train_config_from_args(args)
+    if args.resume:
+        out = Path(args.resume)
+        model, base, options = load_run_for_resume(out)
+        options.max_test, options.max_new_tokens = args.max_test, args.max_new_tokens
+        options.gen_batch_size = args.gen_batch_size
+        saved = json.loads((out / "train_config.json").read_text())
+        task_defaults = TrainConfig(**{**asdict(TrainConfig()), **TRAIN_DEFAULTS})
+        explicit = {k: v for k, v in asdict(cfg).items()
+                    if v != getattr(task_defaults, k) and k != "betas"}
+        cfg = TrainConfig(**{**saved, "betas": tuple(saved["betas"]), **explicit})
+    else:
+        options = InstructOptions(data=args.data, template=args.template, mask_prompt=args.mask_prompt,
+                                  max_length=args.max_length, lora_rank=args.lora_rank,
+                                  lora_alpha=args.lora_alpha, max_test=args.max_test,
+                                  max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size)
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn at random
+        model, _ = _load_model(args.model)
+        base = args.model
+        suffix = f"-lora{args.lora_rank}" if args.lora_rank else ""
+        out = Path(args.out) if args.out else default_run_dir(f"{Path(args.model).name}-instruct{suffix}")
+        if (out / "training_state.pt").exists():
+            raise SystemExit(f"error: {out} already holds a run; continue it with --resume {out} "
+                             f"or choose another --out")
+    if args.dropout is not None:
+        from gptforge.pretrain import set_dropout
+
+        set_dropout(model, args.dropout)
+
+    def on_eval(r: dict) -> None:
+        val = f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "n/a"
+        _say(f"Ep {r['epoch']} (Step {r['step']:06d}): Train loss {r['train_loss']:.3f}, "
+             f"Val loss {val}, {r['tokens_per_s']:.0f} tok/s")
+
+    bar = None
+
+    def on_response(n: int) -> None:
+        nonlocal bar
+        if bar is None and not args.no_progress:
+            from tqdm.auto import tqdm
+
+            test = json.loads((out / "test.json").read_text())
+            total = len(test) if options.max_test is None else min(options.max_test, len(test))
+            bar = tqdm(total=total, unit="response", desc="answering the test set")
+        if bar is not None:
+            bar.update(n)
+
+    start = time.perf_counter()
+    result = finetune_instruct(model, base, options, cfg, out, resume=bool(args.resume), on_eval=on_eval,
+                               on_response_progress=on_response, progress=not args.no_progress)
+    if bar is not None:
+        bar.close()
+    minutes = (time.perf_counter() - start) / 60
+    state = "paused" if result.interrupted else "finished"
+    _say(f"Training {state} after {result.step} steps, {result.tokens_seen} tokens, in "
+         f"{minutes:.2f} minutes. Run directory: {out}")
+    if result.responses:
+        _say(f"Test-set responses: {result.responses}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------
+# merge-lora
+
+def _add_merge_lora(sub) -> None:
+    p = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into a plain gptforge model")
+    p.add_argument("run", help="LoRA run directory (adapter.safetensors + gptforge.json)")
+    p.add_argument("out", help="directory for the merged model")
+    p.set_defaults(func=cmd_merge_lora)
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from gptforge.checkpoint import read_meta, save_model
+    from gptforge.finetune.lora import is_lora_run, load_lora_run, merge_lora
+
+    if not is_lora_run(args.run):
+        raise ValueError(f"{args.run} is not a LoRA run (no adapter.safetensors with a 'lora' entry "
+                         f"in gptforge.json)")
+    model = merge_lora(load_lora_run(args.run))
+    meta = read_meta(args.run)
+    keep = {k: v for k, v in meta.items() if k not in ("format", "version", "model", "head", "lora")}
+    save_model(model, args.out, **keep, merged_from=str(Path(args.run).resolve()),
+               merged_lora=meta["lora"])
+    print(args.out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------
+# chat and ask
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk to an instruction-tuned model in the terminal")
+    p.add_argument("--model", required=True, help="run directory, checkpoint or preset")
+    p.add_argument("--template", choices=TEMPLATE_NAMES, default=None,
+                   help="prompt template (default: the run's, else alpaca)")
+    p.add_argument("--history", type=int, default=3,
+                   help="earlier exchanges shown to the model (0: none)")
+    p.add_argument("--device", default="cpu")
+    add_sampling_args(p, max_new_tokens=256)
+    p.set_defaults(func=cmd_chat)
+
+
+CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer."
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import importlib
+
+    from gptforge.finetune.instruct import chat_prompt
+    from gptforge.tokenizer import get_tokenizer
+
+    # The module, looked up at run time (`gptforge.generate` the attribute is a function).
+    gen = importlib.import_module("gptforge.generate")
+    sampling = _sampling(args)
+    model, meta = _load_model(args.model, args.device)
+    template = _template(args.template, meta)
+    tokenizer = get_tokenizer()
+    ctx = model.cfg.context_length
+    budget = max(ctx - args.max_new_tokens, ctx // 2)  # prompt tokens, leaving room to answer
+    history: list[dict] = []
+    out = sys.stdout
+    print(f"Chatting with {args.model} ({template.name} prompts). {CHAT_HELP}", file=sys.stderr)
+    while True:
+        out.write(">>> ")
+        out.flush()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            out.write("\n(use /exit or Ctrl-D to quit)\n")
+            continue
+        if not line:  # end of input
+            out.write("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history.clear()
+            out.write("(conversation cleared)\n")
+            continue
+        if text.startswith("/"):
+            out.write(f"unknown command {text}; {CHAT_HELP}\n")
+            continue
+        try:
+            prompt = chat_prompt(history, text, template, tokenizer, budget)
+        except ValueError as err:
+            out.write(f"error: {err}\n")
+            continue
+        pieces: list[str] = []
+        try:
+            for piece in gen.stream_text(model, prompt, args.max_new_tokens, tokenizer, **sampling):
+                if not pieces:
+                    piece = piece.lstrip()  # the answer starts at its first visible character
+                    if not piece:
+                        continue
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write(" [stopped]")
+        out.write("\n")
+        history += [{"role": "user", "content": text},
+                    {"role": "assistant", "content": "".join(pieces).strip()}]
+        history = history[-2 * args.history:] if args.history > 0 else []
+    return 0
+
+
+def _add_ask(sub) -> None:
+    p = sub.add_parser("ask", help="answer one instruction and print only the answer")
+    p.add_argument("instruction")
+    p.add_argument("--input", default="", help="the entry's input, if the task has one")
+    p.add_argument("--model", required=True, help="run directory, checkpoint or preset")
+    p.add_argument("--template", choices=TEMPLATE_NAMES, default=None,
+                   help="prompt template (default: the run's, else alpaca)")
+    p.add_argument("--device", default="cpu")
+    add_sampling_args(p, max_new_tokens=256)
+    p.set_defaults(func=cmd_ask)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from gptforge.finetune.instruct import answer
+
+    sampling = _sampling(args)
+    model, meta = _load_model(args.model, args.device)
+    template = _template(args.template, meta)
+    entry = {"instruction": args.instruction, "input": args.input}
+    print(answer(model, entry, template, args.max_new_tokens, **sampling))
+    return 0
+
+
+# ------------------------------------------------------------------------------------
+# evaluate-responses
+
+def _add_evaluate_responses(sub) -> None:
+    p = sub.add_parser("evaluate-responses",
+                       help="score responses.json: ROUGE-L, exact match, model loss, an LLM judge")
+    p.add_argument("responses", help="JSON list of entries with 'output' and the model's response")
+    p.add_argument("--response-key", default="model_response")
+    p.add_argument("--model", default=None,
+                   help="also report this model's loss on the reference responses")
+    p.add_argument("--template", choices=TEMPLATE_NAMES, default=None,
+                   help="template for --model (default: the run's, else alpaca)")
+    p.add_argument("--judge-url", default=None,
+                   help="judge server, e.g. http://localhost:11434 (Ollama) or an OpenAI-compatible base URL")
+    p.add_argument("--judge-model", default=None, help="judge model name, e.g. llama3")
+    p.add_argument("--judge-api", choices=["openai", "ollama"], default="openai")
+    p.add_argument("--judge-cache", default=None,
+                   help="cache of judge replies (default: judge_cache.json beside the responses)")
+    p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--judge-retries", type=int, default=3)
+    p.add_argument("--judge-backoff", type=float, default=1.0, help="first wait between retries (s)")
+    p.add_argument("--judge-seed", type=int, default=123)
+    p.add_argument("--out", default=None, help="report file (default: report.json beside the responses)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_evaluate_responses)
+
+
+def cmd_evaluate_responses(args: argparse.Namespace) -> int:
+    from gptforge.finetune.judge import JudgeClient, evaluate_responses, summary_lines, write_report
+
+    path = Path(args.responses)
+    if not path.is_file():
+        raise FileNotFoundError(f"no responses file at {path}")
+    entries = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(entries, list):
+        raise ValueError(f"{path} must hold a JSON list of entries")
+    model, template = None, "alpaca"
+    if args.model:
+        model, meta = _load_model(args.model, args.device)
+        template = _template(args.template, meta)
+    judge = None
+    if args.judge_url or args.judge_model:
+        if not (args.judge_url and args.judge_model):
+            raise ValueError("a judge needs both --judge-url and --judge-model")
+        cache = args.judge_cache or path.with_name("judge_cache.json")
+        judge = JudgeClient(args.judge_url, args.judge_model, args.judge_api, args.judge_timeout,
+                            args.judge_retries, args.judge_backoff, args.judge_seed, cache)
+    bar = None
+    if judge is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(entries), unit="response", desc="judging", file=sys.stderr)
+    try:
+        report = evaluate_responses(entries, args.response_key, model, template, judge,
+                                    on_judged=bar.update if bar else None,
+                                    batch_size=args.batch_size, seed=args.judge_seed)
+    finally:
+        if bar is not None:
+            bar.close()
+    out = write_report(report, args.out or path.with_name("report.json"))
+    for line in summary_lines(report):
+        print(line)
+    print(f"report: {out}")
+    return 0

@@ -1,0 +1,349 @@
+"""The serving engine: one model, one worker thread, many requests decoded in turns.
+
+Requests wait in a queue; the worker admits up to `max_active` of them and then
+advances each by one token per turn (round robin), so a long answer never holds
+back a short one and every stream sees tokens at once. Each request owns its
+KV cache, which the worker lends to the model for that request's step only, so
+requests of any lengths share one model without padding or masks. Only the
+worker thread touches the model: the web server's event loop hands requests in
+and gets `Event`s back through a callback, and never waits on model compute.
+
+`TextStream` turns a request's token ids into text and cuts it at the first stop
+sequence; `classify_texts` runs a classifier model on a few texts.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from gptforge.generate import check_sampling, sample
+from gptforge.model import GPTModel, KVCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded: temperature 0 is greedy, `stop` ends at any of those texts."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass(frozen=True)
+class Event:
+    """What the worker reports for a request: new text, and at the end why it finished.
+
+    `finish_reason` is None while generating, then "stop" (end-of-text token or a
+    stop sequence), "length" (max_tokens or the context is full), "timeout" or
+    "error" (with `error` saying what went wrong).
+    """
+
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class TextStream:
+    """Token ids in, text pieces out, ending at the first of the `stop` sequences.
+
+    Bytes of a character split across tokens are held back until complete, and
+    so is any tail of the text that could be the start of a stop sequence, so
+    the text released never contains (or begins) a stop sequence.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""  # text that might begin a stop sequence
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add one token; return (text to release, whether a stop sequence was reached)."""
+        text = self._held + self._decoder.decode(self.tokenizer.decode_single_token_bytes(token))
+        return self._release(text)
+
+    def finish(self) -> str:
+        """The text still held back, once generation has ended without a stop sequence."""
+        text, stopped = self._release(self._held + self._decoder.decode(b"", final=True))
+        held, self._held = self._held, ""
+        return text if stopped else text + held
+
+    def _release(self, text: str) -> tuple[str, bool]:
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self._held = ""
+            return text[:min(cuts)], True
+        keep = 0  # the longest tail of `text` that a stop sequence starts with
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:n]):
+                    keep = n
+                    break
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
+
+
+@dataclass(eq=False)
+class Generation:
+    """A request inside the engine; the caller keeps it only to `cancel()` it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    deadline: float | None
+    text: TextStream
+    tokens: list[int] = field(default_factory=list)
+    generated: int = 0
+    cached: int = 0  # positions already in this request's KV cache
+    caches: list[KVCache] | None = None
+    generator: torch.Generator | None = None
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop generating for this request (e.g. its client went away); safe from any thread."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class Engine:
+    """Generate for many requests at once with one model in one worker thread.
+
+    `submit` queues a request and returns at once; the worker calls the request's
+    `on_event` (from its own thread) with text as it is generated and a final event
+    with the finish reason. `call` runs any function on the worker, between steps.
+    `stats` counts requests by outcome ("cancelled" counts requests whose client
+    cancelled them before they finished).
+    """
+
+    def __init__(self, model: GPTModel, tokenizer, eos_id: int | None = None,
+                 max_active: int = 16) -> None:
+        if max_active < 1:
+            raise ValueError(f"max_active must be at least 1, got {max_active}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id
+        self.max_active = max_active
+        self.context_length = model.cfg.context_length
+        self.stats: dict[str, int] = collections.Counter(
+            submitted=0, completed=0, cancelled=0, timed_out=0, failed=0, tokens=0)
+        self._queue: collections.deque[Generation] = collections.deque()
+        self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
+        self._active: list[Generation] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- the caller's side -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread (once)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="gptforge-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; requests still running end with an "error" event."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams,
+               on_event: Callable[[Event], None], timeout: float | None = None) -> Generation:
+        """Queue a generation for the token ids `prompt`; `timeout` (s) counts from now.
+
+        At most `context_length - len(prompt) + 1` tokens are generated: the last
+        one is sampled from a full context.
+        """
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt) > self.context_length:
+            raise ValueError(f"the prompt has {len(prompt)} tokens but the model's context length "
+                             f"is {self.context_length}: shorten the prompt")
+        generator = None
+        if params.seed is not None:
+            device = self.model.emb.tok.weight.device
+            generator = torch.Generator(device=device).manual_seed(params.seed & (2**64 - 1))
+        gen = Generation(list(prompt), params, on_event,
+                         time.monotonic() + timeout if timeout else None,
+                         TextStream(self.tokenizer, params.stop), list(prompt), generator=generator)
+        with self._wake:
+            self._queue.append(gen)
+            self.stats["submitted"] += 1
+            self._wake.notify()
+        return gen
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn()` on the worker thread between two steps; returns a future of its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters plus the requests queued and active right now."""
+        with self._wake:
+            return {**self.stats, "queued": len(self._queue), "active": len(self._active)}
+
+    # -- the worker's side -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._queue or self._active or self._calls):
+                    self._wake.wait()
+                if self._stopping:
+                    for gen in [*self._active, *self._queue]:
+                        self._emit(gen, Event(finish_reason="error", error="the server is shutting down"))
+                    self._active.clear()
+                    self._queue.clear()
+                    return
+                calls, self._calls = self._calls, []
+                self._drop_waiting()
+                while self._queue and len(self._active) < self.max_active:
+                    self._active.append(self._queue.popleft())
+                active = list(self._active)
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as err:  # the caller gets it from the future
+                        future.set_exception(err)
+            finished = [gen for gen in active if self._advance(gen)]
+            if finished:
+                with self._wake:
+                    self._active = [g for g in self._active if g not in finished]
+
+    def _drop_waiting(self) -> None:
+        """Remove queued requests that were cancelled or ran out of time (lock held)."""
+        now = time.monotonic()
+        for gen in list(self._queue):
+            if gen.cancelled:
+                self._queue.remove(gen)
+                self.stats["cancelled"] += 1
+            elif gen.deadline is not None and now > gen.deadline:
+                self._queue.remove(gen)
+                self.stats["timed_out"] += 1
+                self._emit(gen, Event(finish_reason="timeout"))
+
+    def _advance(self, gen: Generation) -> bool:
+        """Generate one token for `gen` and report it; True once `gen` is finished."""
+        if gen.cancelled:
+            self.stats["cancelled"] += 1
+            return True
+        if gen.deadline is not None and time.monotonic() > gen.deadline:
+            self.stats["timed_out"] += 1
+            self._emit(gen, Event(gen.text.finish(), "timeout", gen.generated))
+            return True
+        try:
+            token = self._step(gen)
+        except Exception as err:  # report it to this request and keep serving the others
+            log.exception("generation failed")
+            self.stats["failed"] += 1
+            self._emit(gen, Event(finish_reason="error", completion_tokens=gen.generated,
+                                  error=f"{type(err).__name__}: {err}"))
+            return True
+        gen.generated += 1
+        self.stats["tokens"] += 1
+        if self.eos_id is not None and token == self.eos_id:
+            text, reason = gen.text.finish(), "stop"
+        else:
+            text, stopped = gen.text.push(token)
+            room_left = len(gen.tokens) <= self.context_length
+            if stopped:
+                reason = "stop"
+            elif gen.generated >= gen.params.max_tokens or not room_left:
+                text, reason = text + gen.text.finish(), "length"
+            else:
+                reason = None
+        if reason is None:
+            if text:
+                self._emit(gen, Event(text, None, gen.generated))
+            return False  # a cancel that came meanwhile is counted on the next turn
+        self.stats["completed"] += 1
+        self._emit(gen, Event(text, reason, gen.generated))
+        return True
+
+    def _emit(self, gen: Generation, event: Event) -> None:
+        try:
+            gen.on_event(event)
+        except Exception:  # the receiver is gone (e.g. its event loop closed)
+            log.debug("dropping a generation whose receiver failed", exc_info=True)
+            gen.cancel()
+
+    def _step(self, gen: Generation) -> int:
+        """Run the model on `gen`'s new tokens with `gen`'s own KV cache; sample one token."""
+        model = self.model
+        with torch.inference_mode():
+            if gen.caches is None:
+                # Room for every position this request can feed the model.
+                longest = min(self.context_length, len(gen.prompt) + gen.params.max_tokens - 1)
+                model.setup_cache(1, longest)
+                gen.caches = [block.attn.cache for block in model.blocks]
+            for block, cache in zip(model.blocks, gen.caches):
+                block.attn.cache = cache
+            try:
+                device = model.emb.tok.weight.device
+                new = torch.tensor([gen.tokens[gen.cached:]], dtype=torch.long, device=device)
+                logits = model(new, start_pos=gen.cached)[:, -1]  # (1, V)
+            finally:
+                model.clear_cache()  # the caches stay with `gen`
+            gen.cached = len(gen.tokens)
+            p = gen.params
+            token = int(sample(logits, p.temperature, p.top_k, p.top_p, gen.generator)[0])
+        gen.tokens.append(token)
+        return token
+
+
+@torch.inference_mode()
+def classify_texts(model: GPTModel, texts: Sequence[str], labels: Sequence[str], tokenizer,
+                   max_length: int | None = None, pooling: str = "last-token") -> list[dict]:
+    """Label each text with a classifier model; returns {"label", "probabilities"} per text.
+
+    Each text runs on its own (no padding), truncated to its first `max_length`
+    tokens (at most the context length). "last-token" pooling reads the output at
+    the text's last token, the only position that has seen the whole text; "mean"
+    averages the outputs over all its tokens.
+    """
+    if pooling not in ("last-token", "last", "mean"):
+        raise ValueError(f"unknown pooling {pooling!r}; the server knows 'last-token' and 'mean'")
+    limit = min(max_length or model.cfg.context_length, model.cfg.context_length)
+    model.eval()
+    device = model.emb.tok.weight.device
+    results = []
+    for text in texts:
+        ids = tokenizer.encode(text, allowed_special="all")[:limit] or [tokenizer.eot_token]
+        logits = model(torch.tensor([ids], device=device))[0]  # (T, n_labels)
+        pooled = logits.mean(dim=0) if pooling == "mean" else logits[-1]
+        probs = torch.softmax(pooled.float(), dim=-1).tolist()
+        best = max(range(len(probs)), key=probs.__getitem__)
+        results.append({"label": labels[best],
+                        "probabilities": {name: p for name, p in zip(labels, probs)}})
+    return results
