@@ -466,14 +466,14 @@ def test_cli_serve_needs_the_extra(monkeypatch, dirs, capsys):
 def test_cli_serve_subprocess(dirs):
     """`gptforge serve` in its own process: answers, and loads no web stack for `--help`."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    code = ("import sys; from gptforge.cli import build_parser; build_parser(); "
-            "assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
-
+    # One process: build the parser (as `gptforge --help` does), check, then serve.
+    code = ("import sys; from gptforge.cli import build_parser, main; build_parser(); "
+            "assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules, 'web stack loaded'; "
+            "sys.exit(main(sys.argv[1:]))")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "gptforge.cli", "serve", "--model", str(dirs["lm"]),
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(dirs["lm"]),
                              "--port", str(port), "--api-key", API_KEY, "--model-id", "cli-model"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

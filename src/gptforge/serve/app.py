@@ -47,6 +47,7 @@ CHAT_STOPS: dict[str, tuple[str, ...]] = {
     "phi3": ("<|user|>", "<|assistant|>", "<|end|>"),
 }
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DISCONNECT_CHECK_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 
 class APIError(Exception):
@@ -328,16 +329,21 @@ async def _events(request: Request, served: ServedModels, prompt: list[int], par
     except ValueError as err:
         raise APIError(400, str(err)) from None
     try:
+        next_check = loop.time() + DISCONNECT_CHECK_S
         while True:
             if not watch_disconnect:
                 # A streaming response learns of a disconnect from Starlette, which cancels us.
                 event = await queue.get()
-            else:
+            else:  # a plain response has to ask, every DISCONNECT_CHECK_S
                 try:
-                    event = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    event = await asyncio.wait_for(queue.get(), max(0.0, next_check - loop.time()))
                 except asyncio.TimeoutError:
+                    event = None
+                if loop.time() >= next_check:
                     if await request.is_disconnected():
                         return
+                    next_check = loop.time() + DISCONNECT_CHECK_S
+                if event is None:
                     continue
             yield event
             if event.finish_reason is not None:

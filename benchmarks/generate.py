@@ -1,0 +1,125 @@
+"""Generation speed: gptforge (KV cache, no cache, int8) against Hugging Face transformers.
+
+Both load the same random gpt2-small weights (written once with `save_pretrained`).
+Every measurement runs in its own process, the engines alternate round by round, and
+the median tokens/s per engine is reported with its ratio to transformers.
+
+    python benchmarks/generate.py --rounds 3 --tokens 100 [--trained-run runs/gpt2-small-verdict]
+
+With --trained-run, also compares int8 and float32 perplexity on The Verdict's
+validation text (the last 10%) for a model trained by gptforge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "Every effort moves you"
+
+
+def make_weights(directory: Path) -> None:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(123)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(directory)
+
+
+def worker(engine: str, weights: str, tokens: int) -> dict:
+    """Load, warm up, then time one generation of `tokens` new tokens at batch 1."""
+    import torch
+
+    torch.manual_seed(0)
+    from gptforge.tokenizer import get_tokenizer
+
+    ids = torch.tensor([get_tokenizer().encode(PROMPT)])
+    if engine == "hf":
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel.from_pretrained(weights, attn_implementation="sdpa").eval()
+
+        def run(n):
+            with torch.inference_mode():
+                return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      use_cache=True, pad_token_id=50256)
+    else:
+        from gptforge import generate, load_pretrained
+
+        model = load_pretrained(weights).eval()
+        if engine == "gptforge-int8":
+            from gptforge.quantize import quantize_int8
+
+            model = quantize_int8(model)
+
+        def run(n):
+            return generate(model, ids, n, use_cache=engine != "gptforge-nocache")
+    run(5)  # warm-up: first-call allocations and kernel selection
+    start = time.perf_counter()
+    out = run(tokens)
+    seconds = time.perf_counter() - start
+    assert out.shape[-1] == ids.shape[1] + tokens
+    return {"engine": engine, "tokens_per_s": tokens / seconds, "first_ids": out[0, -5:].tolist()}
+
+
+def perplexity_check(run_dir: str) -> dict:
+    from gptforge import load_pretrained
+    from gptforge.download import download
+    from gptforge.evaluate import evaluate_string
+    from gptforge.quantize import quantize_int8
+
+    text = download("the-verdict").read_text(encoding="utf-8")
+    val = text[int(0.9 * len(text)):]
+    model = load_pretrained(run_dir).eval()
+    fp32 = evaluate_string(model, val)["perplexity"]
+    int8 = evaluate_string(quantize_int8(model), val)["perplexity"]
+    return {"fp32_ppl": fp32, "int8_ppl": int8, "relative_change": int8 / fp32 - 1}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=100)
+    p.add_argument("--engines", nargs="+", default=["hf", "gptforge", "gptforge-int8"])
+    p.add_argument("--nocache-rounds", type=int, default=1, help="gptforge without cache (slow)")
+    p.add_argument("--trained-run", default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.weights, args.tokens)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "gpt2-small-random"
+        make_weights(weights)
+        results: dict[str, list[float]] = {}
+        schedule = [e for _ in range(args.rounds) for e in args.engines]
+        schedule += ["gptforge-nocache"] * args.nocache_rounds
+        for engine in schedule:
+            out = subprocess.run([sys.executable, __file__, "--worker", engine, "--weights", str(weights),
+                                  "--tokens", str(args.tokens)], capture_output=True, text=True, check=True)
+            record = json.loads(out.stdout.strip().splitlines()[-1])
+            results.setdefault(engine, []).append(record["tokens_per_s"])
+            print(f"  {engine:18s} {record['tokens_per_s']:6.2f} tok/s", file=sys.stderr)
+    hf = statistics.median(results["hf"]) if "hf" in results else None
+    print(f"\nbatch 1, {args.tokens} new tokens, gpt2-small float32 weights, median of runs\n")
+    print("| engine | tokens/s (median) | runs | vs transformers |")
+    print("| --- | --- | --- | --- |")
+    for engine, values in results.items():
+        med = statistics.median(values)
+        ratio = f"{med / hf:.2f}x" if hf else "n/a"
+        print(f"| {engine} | {med:.2f} | {', '.join(f'{v:.1f}' for v in values)} | {ratio} |")
+    if args.trained_run:
+        print("\nint8 vs float32 perplexity on The Verdict's validation text:")
+        print(json.dumps(perplexity_check(args.trained_run), indent=2))
+
+
+if __name__ == "__main__":
+    main()
