@@ -48,6 +48,15 @@ TINY = ["--init", "gpt2-small", "--n-layers", "1", "--emb-dim", "16", "--n-heads
         "--context-length", "64", "--trainable", "all", "--no-progress"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from more threads, and on a busy machine extra threads mostly wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _fingerprint(splits: TextSplits) -> str:
     h = hashlib.sha256()
     for split in ("train", "val", "test"):
@@ -98,7 +107,6 @@ def test_spam_split_equals_pandas(book_quoting):
 
 def test_spam_split_equals_pandas_live():
     pd = pytest.importorskip("pandas")
-    path = Path(pd.__file__)  # noqa: F841  (pandas is here: compare with it directly)
     from gptforge.download import extract_member
 
     df = pd.read_csv(extract_member("sms-spam-collection"), sep="\t", header=None,
@@ -290,18 +298,23 @@ def test_finetune_and_classify_end_to_end(tmp_path, capsys):
     assert all(r["predicted_label"] in {"ham", "spam"} and 0.5 <= float(r["probability"]) <= 1 for r in rows)
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("trainable", ["all", "lora"])
+def test_resume_continues_exactly(tmp_path, trainable):
     train = _write_csv(tmp_path / "train.csv", _toy_rows(24))
     val = _write_csv(tmp_path / "val.csv", _toy_rows(8))
-    common = ["finetune", "classify", *TINY, "--train", str(train), "--val", str(val),
-              "--max-steps", "6", "--batch-size", "4", "--eval-every", "2", "--lr", "1e-3"]
+    common = ["finetune", "classify", *TINY, "--trainable", trainable, "--lora-rank", "2",
+              "--train", str(train), "--val", str(val), "--max-steps", "6", "--batch-size", "4",
+              "--eval-every", "2", "--lr", "1e-3"]
     assert main([*common, "--out", str(tmp_path / "straight")]) == 0
     assert main([*common, "--out", str(tmp_path / "paused"), "--stop-after", "3"]) == 0
     assert not (tmp_path / "paused" / "test_metrics.json").exists()
     assert main(["finetune", "classify", "--resume", str(tmp_path / "paused"), "--no-progress"]) == 0
     a, b = load_model(tmp_path / "straight"), load_model(tmp_path / "paused")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(p, q), name
+        if trainable == "all":
+            assert torch.equal(p, q), name
+        else:  # the LoRA update is subtracted from the merged weights again: float rounding
+            assert torch.allclose(p, q, atol=1e-6), name
     assert json.loads((tmp_path / "paused" / "gptforge.json").read_text())["step"] == 6
 
 

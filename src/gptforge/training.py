@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -293,7 +294,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
             last = i == len(micro_batches) - 1
-            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else _nullcontext()
+            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else nullcontext()
             with sync:
                 with self._autocast():
                     loss = self.loss_fn(self.train_model, batch) / len(micro_batches)
@@ -500,14 +501,6 @@ class Trainer:
         from gptforge.plotting import plot_history
 
         return plot_history(self.history, self.out_dir, list(self.metrics))
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _remove_tree(path: Path) -> None:

@@ -285,6 +285,7 @@ def make_collate(pooling: str, max_length: int) -> Callable:
 # Model: new head, what trains, pooling, loss
 
 def check_pooling(pooling: str) -> None:
+    """Raise a ValueError unless `pooling` is one of POOLINGS."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
 
@@ -336,17 +337,15 @@ def pool_logits(logits: torch.Tensor, lengths: torch.Tensor, pooling: str = "las
     "last-token": the last real token (position length - 1); "last": the last
     position, padding or not (the book); "mean": the average over real tokens.
     """
+    check_pooling(pooling)
     B, T, _ = logits.shape
     if pooling == "last-token":
         return logits[torch.arange(B, device=logits.device), lengths - 1]
     if pooling == "last":
         return logits[:, -1]
-    if pooling == "mean":
-        real = torch.arange(T, device=logits.device)[None, :] < lengths[:, None]  # (B, T)
-        total = (logits * real[..., None].to(logits.dtype)).sum(dim=1)  # (B, C)
-        return total / lengths[:, None].to(logits.dtype)
-    check_pooling(pooling)
-    raise AssertionError("unreachable")
+    real = torch.arange(T, device=logits.device)[None, :] < lengths[:, None]  # (B, T)
+    total = (logits * real[..., None].to(logits.dtype)).sum(dim=1)  # (B, C)
+    return total / lengths[:, None].to(logits.dtype)
 
 
 def class_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor,
@@ -397,6 +396,7 @@ def trainable_settings(model: GPTModel) -> dict[str, Any]:
 # Checkpoints
 
 def has_lora(model: nn.Module) -> bool:
+    """Whether any layer of `model` carries LoRA adapters."""
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
