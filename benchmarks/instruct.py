@@ -90,6 +90,7 @@ def sorting_worker(gen_prompts: int, gen_tokens: int) -> dict:
                                             load_instruction_data, response_loss, split_data)
     from gptforge.finetune.templates import get_template
     from gptforge.tokenizer import get_tokenizer
+    from gptforge.training import ResumableBatchSampler
 
     model = _model().eval()
     test = split_data(load_instruction_data()).test
@@ -97,7 +98,16 @@ def sorting_worker(gen_prompts: int, gen_tokens: int) -> dict:
     lengths = [len(ids) for ids, _ in items]
     file_order = [list(range(i, min(i + 8, len(items)))) for i in range(0, len(items), 8)]
     sorted_order = length_sorted_batches(lengths, 8)
-    out: dict = {"test_entries": len(test), "real_tokens": sum(lengths) + len(lengths)}
+    out: dict = {"test_entries": len(test), "unpadded_input_tokens": sum(lengths)}
+    # For comparison, the padding of training batches as the shuffled sampler makes them.
+    train = InstructionDataset(split_data(load_instruction_data()).train).items
+    sampler = ResumableBatchSampler(len(train), 8, shuffle=True, drop_last=True, seed=123)
+    batches = list(sampler)
+    out["train_epoch"] = {
+        "unpadded_input_tokens": sum(len(train[i][0]) for b in batches for i in b),
+        "input_tokens": sum(len(b) * max(len(train[i][0]) for i in b) for b in batches),
+        "input_tokens_if_padded_to_1024": len(batches) * 8 * 1024,
+    }
 
     def loss_pass(batches) -> tuple[float, int, float]:
         total, count, padded = 0.0, 0, 0
@@ -187,7 +197,12 @@ def main() -> None:
     s = results["sorting"] = run_worker(["--worker", "sorting", "--gen-prompts", str(args.gen_prompts),
                                          "--gen-tokens", str(args.gen_tokens), *threads])
     lp, g = s["loss_pass"], s["generation"]
-    print(f"reference-loss pass over {s['test_entries']} test entries ({s['real_tokens']} real tokens): "
+    te = s["train_epoch"]
+    print(f"one training epoch: {te['input_tokens']} input tokens in batches padded to their longest "
+          f"example ({te['unpadded_input_tokens']} without padding, "
+          f"{te['input_tokens_if_padded_to_1024']} if padded to 1024)")
+    print(f"reference-loss pass over {s['test_entries']} test entries "
+          f"({s['unpadded_input_tokens']} input tokens without padding): "
           f"file order {lp['file_order']['input_tokens']} input tokens in {lp['file_order']['seconds']} s, "
           f"sorted {lp['sorted']['input_tokens']} in {lp['sorted']['seconds']} s; mean loss "
           f"{lp['mean_loss_file_order']:.6f} vs {lp['mean_loss_sorted']:.6f}")

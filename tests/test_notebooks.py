@@ -28,7 +28,8 @@ def _execute(notebook: Path, cwd: Path, **env: str) -> None:
 # notebooks/spam_classifier.ipynb
 
 def test_spam_notebook(tmp_path):
-    _execute(ROOT / "notebooks" / "spam_classifier.ipynb", tmp_path, GPTFORGE_NB_TINY="1")
+    _execute(ROOT / "notebooks" / "spam_classifier.ipynb", tmp_path, GPTFORGE_NB_TINY="1",
+             OMP_NUM_THREADS="1")
     runs = list((tmp_path / "runs").glob("notebook-spam-classifier*"))
     assert len(runs) == 1 and (runs[0] / "test_metrics.json").is_file()
 

@@ -224,7 +224,8 @@ def instruction_collate(max_length: int | None = None, mask_prompt: bool = False
     return partial(collate_instructions, max_length=max_length, mask_prompt=mask_prompt)
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int, same_length: bool = False) -> list[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int,
+                          same_length: bool = False) -> list[list[int]]:
     """Indices grouped into batches of similar length (shortest first).
 
     With `same_length`, a batch only holds items of exactly equal length.
@@ -243,7 +244,8 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, same_length: 
 # ------------------------------------------------------------------------------------
 # models
 
-def load_instruct_model(source: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_instruct_model(source: str | os.PathLike,
+                        device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Load a model for answering instructions, and its gptforge metadata ({} if none).
 
     `source` is an instruction run (full or LoRA; adapters are merged for speed), any
@@ -404,6 +406,8 @@ class InstructOptions:
 
 @dataclass
 class InstructResult:
+    """What a fine-tuning run did, and where its test-set responses are (None if not written)."""
+
     out_dir: Path
     step: int
     tokens_seen: int
