@@ -5,7 +5,7 @@ share its interpreter), sends a fixed number of streamed completion requests at
 each concurrency level, prints a Markdown table and stops the server.
 
     PYTHONPATH=src python benchmarks/serve.py                    # a small random model
-    PYTHONPATH=src python benchmarks/serve.py --model gpt2-small --requests 32
+    PYTHONPATH=src python benchmarks/serve.py --model gpt2-small --requests 32 --max-tokens 64
 
 Without --model it builds a small random GPT (4 layers, 256 wide, 256 positions)
 in a temporary directory; the numbers measure serving, not the text's quality.
@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -49,10 +48,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, device: str, max_active: int) -> subprocess.Popen:
+def start_server(model: str, port: int, device: str, max_active: int,
+                 threads: int | None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "gptforge.cli", "serve", "--model", model, "--port", str(port),
            "--device", device, "--max-active", str(max_active), "--timeout", "0"]
+    if threads:
+        cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -117,17 +119,18 @@ async def run_level(base: str, concurrency: int, n_requests: int, max_tokens: in
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model to serve (default: a small random GPT)")
-    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="the server's PyTorch CPU threads")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(build_small_model(Path(tmp)))
         port = free_port()
-        server = start_server(model, port, args.device, max(args.concurrency))
+        server = start_server(model, port, args.device, max(args.concurrency), args.threads)
         base = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(run_level(base, 1, 2, args.max_tokens))  # warm-up
@@ -137,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             server.terminate()
             server.wait(timeout=30)
 
+    threads = args.threads or "PyTorch's default"
     print(f"\nmodel: {args.model or 'small random GPT (4 layers, 256 wide)'}, device: {args.device}, "
-          f"{args.requests} streamed requests x {args.max_tokens} tokens per level, "
-          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}\n")
+          f"server threads: {threads}, {args.requests} streamed requests x {args.max_tokens} tokens "
+          f"per level, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
     print("| clients | requests/s | tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | latency p50 (ms) |")
     print("|--:|--:|--:|--:|--:|--:|")
     for r in rows:

@@ -259,7 +259,8 @@ def test_classify(url, dirs):
         assert [probs["ham"], probs["spam"]] == pytest.approx(expected, abs=1e-5)
         assert result["label"] == ["ham", "spam"][int(torch.argmax(logits))]
     one = httpx.post(f"{url}/v1/classify", json={"input": "see you at 5", "model": "tiny-clf"}).json()
-    assert one["data"][0] == {**body["data"][1], "index": 0}
+    assert one["data"][0]["label"] == body["data"][1]["label"]
+    assert one["data"][0]["probabilities"] == pytest.approx(body["data"][1]["probabilities"], abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------
@@ -293,6 +294,16 @@ def test_openai_client(url):
     assert err.value.body["param"] == "temperature"
 
 
+def test_instruction_judge_can_use_the_server(url, tmp_path):
+    judge = pytest.importorskip("gptforge.finetune.judge")
+    client = judge.JudgeClient(url, "tiny-lm", "openai", timeout=30, retries=0,
+                               cache=tmp_path / "judge_cache.json")
+    reply = client.ask("Score the response from 0 to 100. Respond with the integer number only.")
+    assert reply.error is None and isinstance(reply.text, str)  # a tiny random model gives no score
+    with pytest.raises(judge.JudgeError):  # a model the server does not have is refused at once
+        judge.JudgeClient(url, "llama3", "openai", retries=0).ask("Score this.")
+
+
 # ------------------------------------------------------------------------------------
 # errors and limits
 
@@ -316,6 +327,7 @@ def test_openai_client(url):
      404, "model", "model_not_found"),
     ("/v1/classify", {"input": "x", "model": "tiny-lm"}, 404, "model", "model_not_found"),
     ("/v1/classify", {"input": []}, 400, "input", None),
+    ("/v1/classify", {"input": ["fine", "  "]}, 400, "input", None),
 ])
 def test_errors_have_openai_shape(url, path, body, status, param, code):
     r = httpx.post(f"{url}{path}", json=body)
@@ -327,7 +339,8 @@ def test_errors_have_openai_shape(url, path, body, status, param, code):
 
 
 def test_malformed_json_and_unknown_paths(url):
-    r = httpx.post(f"{url}/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"})
+    r = httpx.post(f"{url}/v1/completions", content=b'{"prompt": ',
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.get(f"{url}/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["message"].startswith("Invalid URL")

@@ -35,10 +35,10 @@ API_KEY = "browser-key"
 
 
 class SlowModel(GPTModel):
-    """20 ms per forward pass, so the page is caught while text is still streaming in."""
+    """40 ms per forward pass, so the page is caught while text is still streaming in."""
 
     def forward(self, idx, start_pos=None):
-        time.sleep(0.02)
+        time.sleep(0.04)
         return super().forward(idx, start_pos)
 
 
@@ -103,7 +103,8 @@ def test_chat_and_classify_in_the_page(servers, browser, tmp_path):
     browser.find_element("id", "send").click()
 
     # Text shows up while the answer is still streaming, then the answer completes.
-    partial = wait_until(lambda: [b.text for b in browser.find_elements("css selector", ".msg.assistant.streaming")
+    streaming = ".msg.assistant.streaming"
+    partial = wait_until(lambda: [b.text for b in browser.find_elements("css selector", streaming)
                                   if b.text.strip()])
     assert partial
     wait_until(lambda: browser.find_elements("css selector", ".msg.assistant.done"))

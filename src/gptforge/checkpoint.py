@@ -102,8 +102,17 @@ def build_model(cfg: GPTConfig, state: dict[str, torch.Tensor], head: dict | Non
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> GPTModel:
-    """Load a model saved by `save_model` (a gptforge run or model directory)."""
+    """Load a model saved by `save_model` (a gptforge run or model directory).
+
+    A LoRA run (adapters only, next to the name of its base model) comes back with
+    the adapters merged into a plain model.
+    """
     meta = read_meta(path)
+    if "lora" in meta and not (Path(path) / WEIGHTS_NAME).is_file():
+        from gptforge.finetune.lora import load_lora_run, merge_lora
+
+        model = merge_lora(load_lora_run(path, device))
+        return model.to(dtype=dtype) if dtype else model
     cfg = GPTConfig.from_dict(meta["model"])
     state = load_file(str(Path(path) / WEIGHTS_NAME))
     return build_model(cfg, state, meta.get("head"), device, dtype)

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptforge.model import GPTModel
-from gptforge.serve.engine import Engine, Event, SamplingParams, classify_texts
+from gptforge.serve.engine import Engine, Event, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -171,15 +171,14 @@ class ServedModels:
     """The loaded models, their ids and the engine that runs them."""
 
     def __init__(self, model: GPTModel, model_id: str, meta: dict[str, Any], engine: Engine,
-                 tokenizer, classifier: GPTModel | None = None, classifier_id: str | None = None,
-                 classifier_meta: dict[str, Any] | None = None, timeout: float | None = None) -> None:
+                 tokenizer, classifier=None, classifier_id: str | None = None,
+                 timeout: float | None = None) -> None:
         from gptforge.finetune.templates import get_template
 
         self.model, self.model_id, self.meta, self.engine = model, model_id, meta, engine
         self.tokenizer = tokenizer
         self.template = get_template(meta.get("template", "alpaca"))
-        self.classifier, self.classifier_id = classifier, classifier_id
-        self.classifier_meta = classifier_meta or {}
+        self.classifier, self.classifier_id = classifier, classifier_id  # a TextClassifier
         self.timeout = timeout
         self.created = int(time.time())
 
@@ -223,21 +222,6 @@ def _load_language_model(source: str | os.PathLike | GPTModel, device: str) -> t
     if model.out_head.out_features != model.cfg.vocab_size:
         raise ValueError(f"{source} has no language-model head ({model.out_head.out_features} "
                          f"outputs): serve a language model with --model")
-    return model, meta
-
-
-def _load_classifier(source: str | os.PathLike, device: str) -> tuple[GPTModel, dict]:
-    from gptforge.checkpoint import load_model, read_meta
-
-    meta = read_meta(source)
-    labels = meta.get("labels")
-    if meta.get("task") != "classifier" or not labels:
-        raise ValueError(f"{source} is not a classifier (its gptforge.json needs task "
-                         f"'classifier' and a list of labels)")
-    model = load_model(source, device=device).eval()
-    if model.out_head.out_features != len(labels):
-        raise ValueError(f"{source} has {model.out_head.out_features} outputs but "
-                         f"{len(labels)} labels")
     return model, meta
 
 
@@ -452,17 +436,18 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
     model, meta = _load_language_model(model_dir, device)
-    classifier, classifier_meta, classifier_id = None, None, None
+    classifier, classifier_id = None, None
     if classifier_dir is not None:
-        classifier, classifier_meta = _load_classifier(classifier_dir, device)
+        from gptforge.finetune.classify import TextClassifier
+
+        classifier = TextClassifier.load(classifier_dir, device)  # labels, pooling, max_length
     lm_id = model_id or ("gptforge" if isinstance(model_dir, GPTModel) else _source_id(model_dir))
     if classifier_dir is not None:
         classifier_id = _source_id(classifier_dir)
         classifier_id = classifier_id + "-classifier" if classifier_id == lm_id else classifier_id
     tokenizer = get_tokenizer()
     engine = Engine(model, tokenizer, eos_id=EOT_ID, max_active=max_active)
-    served = ServedModels(model, lm_id, meta, engine, tokenizer, classifier, classifier_id,
-                          classifier_meta, timeout)
+    served = ServedModels(model, lm_id, meta, engine, tokenizer, classifier, classifier_id, timeout)
     page = PAGE.read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -501,7 +486,7 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        labels = served.classifier_meta.get("labels") if served.classifier is not None else None
+        labels = served.classifier.labels if served.classifier is not None else None
         return {"status": "ok", "model": served.model_id, "classifier": served.classifier_id,
                 "labels": labels, "context_length": served.context_length,
                 "auth_required": bool(api_key), "engine": engine.snapshot()}
@@ -544,17 +529,16 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise APIError(400, "input must be a text or a non-empty list of texts.", param="input")
-        meta = served.classifier_meta
-        job = engine.call(lambda: classify_texts(
-            served.classifier, texts, meta["labels"], tokenizer, meta.get("max_length"),
-            meta.get("pooling", "last-token")))
-        try:
-            results = await asyncio.wrap_future(job)
-        except ValueError as err:
-            raise APIError(500, f"Classification failed: {err}", type="server_error") from None
+        classifier = served.classifier
+        try:  # on the engine's worker, like all model compute
+            probs = await asyncio.wrap_future(engine.call(lambda: classifier.predict_proba(texts)))
+        except ValueError as err:  # e.g. an empty text
+            raise APIError(400, str(err), param="input") from None
+        labels = classifier.labels
+        data = [{"index": i, "label": labels[max(range(len(row)), key=row.__getitem__)],
+                 "probabilities": dict(zip(labels, row))} for i, row in enumerate(probs.tolist())]
         return {"id": "clf-" + uuid.uuid4().hex[:24], "object": "classification",
-                "model": served.classifier_id, "labels": list(meta["labels"]),
-                "data": [{"index": i, **r} for i, r in enumerate(results)]}
+                "model": served.classifier_id, "labels": labels, "data": data}
 
     return app
 

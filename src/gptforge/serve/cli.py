@@ -31,6 +31,9 @@ def add_commands(sub) -> None:
     p.add_argument("--model-id", default=None,
                    help="model id clients send (default: the run directory's or preset's name)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: PyTorch's choice; 1 is often faster "
+                        "on a machine busy with other work)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -43,6 +46,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          f"missing): {SERVE_EXTRA_HINT}") from None
     from gptforge.serve.app import create_app
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     api_key = args.api_key or os.environ.get("GPTFORGE_API_KEY") or None
     app = create_app(args.model, args.classifier, api_key, timeout=args.timeout or None,
                      max_body_bytes=args.max_body_bytes, device=args.device,

@@ -9,7 +9,7 @@ worker thread touches the model: the web server's event loop hands requests in
 and gets `Event`s back through a callback, and never waits on model compute.
 
 `TextStream` turns a request's token ids into text and cuts it at the first stop
-sequence; `classify_texts` runs a classifier model on a few texts.
+sequence.
 """
 
 from __future__ import annotations
@@ -321,29 +321,3 @@ class Engine:
         gen.tokens.append(token)
         return token
 
-
-@torch.inference_mode()
-def classify_texts(model: GPTModel, texts: Sequence[str], labels: Sequence[str], tokenizer,
-                   max_length: int | None = None, pooling: str = "last-token") -> list[dict]:
-    """Label each text with a classifier model; returns {"label", "probabilities"} per text.
-
-    Each text runs on its own (no padding), truncated to its first `max_length`
-    tokens (at most the context length). "last-token" pooling reads the output at
-    the text's last token, the only position that has seen the whole text; "mean"
-    averages the outputs over all its tokens.
-    """
-    if pooling not in ("last-token", "last", "mean"):
-        raise ValueError(f"unknown pooling {pooling!r}; the server knows 'last-token' and 'mean'")
-    limit = min(max_length or model.cfg.context_length, model.cfg.context_length)
-    model.eval()
-    device = model.emb.tok.weight.device
-    results = []
-    for text in texts:
-        ids = tokenizer.encode(text, allowed_special="all")[:limit] or [tokenizer.eot_token]
-        logits = model(torch.tensor([ids], device=device))[0]  # (T, n_labels)
-        pooled = logits.mean(dim=0) if pooling == "mean" else logits[-1]
-        probs = torch.softmax(pooled.float(), dim=-1).tolist()
-        best = max(range(len(probs)), key=probs.__getitem__)
-        results.append({"label": labels[best],
-                        "probabilities": {name: p for name, p in zip(labels, probs)}})
-    return results
