@@ -346,7 +346,8 @@ def test_command_errors(tmp_path, capsys):
 
 
 def test_finetune_group_is_shared():
-    from gptforge.finetune.classify_cli import add_commands, finetune_group
+    from gptforge.cli import finetune_group
+    from gptforge.finetune.classify_cli import add_commands
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")

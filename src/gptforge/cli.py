@@ -82,6 +82,15 @@ def default_run_dir(name: str) -> Path:
     return candidate
 
 
+def finetune_group(sub) -> argparse._SubParsersAction:
+    """The subcommands of `gptforge finetune`, shared by every fine-tuning task module."""
+    parser = sub.choices.get("finetune")
+    if parser is None:
+        parser = sub.add_parser("finetune", help="fine-tune a model for a task (classify, instruct)")
+        parser._gptforge_sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    return parser._gptforge_sub
+
+
 def _say(text: str) -> None:
     """Print a line without breaking an active progress bar."""
     from tqdm.auto import tqdm
@@ -319,13 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in _CORE_COMMANDS:
         add(sub)
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:  # a feature still being written
-            if err.name != name:
-                raise
-            continue
-        module.add_commands(sub)
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 

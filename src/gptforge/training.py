@@ -492,7 +492,19 @@ class Trainer:
         self.save_checkpoint()
         if self.rank == 0:
             self.plot()
+        self._finish_distributed()
         return TrainResult(self.step, self.tokens_seen, self.history, interrupted)
+
+    def _finish_distributed(self) -> None:
+        """Wait for every process, then shut the process group down cleanly (exiting with
+        gloo's threads still running aborts the process)."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def plot(self) -> Path | None:
         """Write loss.png (and one PNG per metric) from the history; needs matplotlib."""

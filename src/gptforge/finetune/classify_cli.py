@@ -13,22 +13,13 @@ from gptforge.cli import (
     _say,
     add_train_args,
     default_run_dir,
+    finetune_group,
     load_model_arg,
     train_config_from_args,
 )
 
 # The book's chapter-6 settings, where they differ from TrainConfig's defaults.
 TRAIN_DEFAULTS = dict(epochs=5, batch_size=8, lr=5e-5, weight_decay=0.1, eval_every=50, eval_batches=5)
-
-
-def finetune_group(sub) -> argparse._SubParsersAction:
-    """The subcommands of `gptforge finetune`, created by whichever task module comes first
-    (and kept on the parser as `_gptforge_sub`, so every task module adds to the same group)."""
-    parser = sub.choices.get("finetune")
-    if parser is None:
-        parser = sub.add_parser("finetune", help="fine-tune a model for a task (classify, instruct)")
-        parser._gptforge_sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
-    return parser._gptforge_sub
 
 
 def add_commands(sub) -> None:

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gptforge.cli import (_positive_int, _say, add_sampling_args, add_train_args, default_run_dir,
-                          load_model_arg, train_config_from_args)
+                          finetune_group, load_model_arg, train_config_from_args)
 
 # The book's chapter-7 settings.
 TRAIN_DEFAULTS = dict(lr=5e-5, weight_decay=0.1, epochs=2, batch_size=8, eval_every=5, eval_batches=5)
@@ -20,20 +20,11 @@ TEMPLATE_NAMES = ("alpaca", "phi3")
 
 def add_commands(sub) -> None:
     """Register this module's subcommands on the top-level subparsers."""
-    _add_finetune_instruct(_finetune_group(sub))
+    _add_finetune_instruct(finetune_group(sub))
     _add_merge_lora(sub)
     _add_chat(sub)
     _add_ask(sub)
     _add_evaluate_responses(sub)
-
-
-def _finetune_group(sub):
-    """The `finetune` command's sub-subparsers, shared with the other fine-tuning tasks."""
-    parser = sub.choices.get("finetune")
-    if parser is None:
-        parser = sub.add_parser("finetune", help="fine-tune a pretrained model for a task")
-        parser._gptforge_sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
-    return parser._gptforge_sub
 
 
 def _load_model(source: str, device: str = "cpu"):
