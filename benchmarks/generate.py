@@ -109,16 +109,21 @@ def main() -> None:
             results.setdefault(engine, []).append(record["tokens_per_s"])
             print(f"  {engine:18s} {record['tokens_per_s']:6.2f} tok/s", file=sys.stderr)
     hf = statistics.median(results["hf"]) if "hf" in results else None
-    print(f"\nbatch 1, {args.tokens} new tokens, gpt2-small float32 weights, median of runs\n")
+    if results:
+        print_table(results, hf, args.tokens)
+    if args.trained_run:
+        print("\nint8 vs float32 perplexity on The Verdict's validation text:")
+        print(json.dumps(perplexity_check(args.trained_run), indent=2))
+
+
+def print_table(results: dict[str, list[float]], hf: float | None, tokens: int) -> None:
+    print(f"\nbatch 1, {tokens} new tokens, gpt2-small float32 weights, median of runs\n")
     print("| engine | tokens/s (median) | runs | vs transformers |")
     print("| --- | --- | --- | --- |")
     for engine, values in results.items():
         med = statistics.median(values)
         ratio = f"{med / hf:.2f}x" if hf else "n/a"
         print(f"| {engine} | {med:.2f} | {', '.join(f'{v:.1f}' for v in values)} | {ratio} |")
-    if args.trained_run:
-        print("\nint8 vs float32 perplexity on The Verdict's validation text:")
-        print(json.dumps(perplexity_check(args.trained_run), indent=2))
 
 
 if __name__ == "__main__":

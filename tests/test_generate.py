@@ -91,3 +91,15 @@ def test_bad_sampling_settings_are_clear_errors(model, kwargs, match):
 def test_prompt_longer_than_context_is_a_clear_error(model, tiny_cfg):
     with pytest.raises(ValueError, match="context length"):
         generate(model, torch.zeros(1, tiny_cfg.context_length + 1, dtype=torch.long), 2)
+
+
+def test_int8_generation_and_evaluation_work(model, tiny_cfg, verdict_text):
+    from gptforge.evaluate import evaluate_string
+    from gptforge.quantize import quantize_int8
+
+    idx = torch.randint(0, tiny_cfg.vocab_size, (1, 5))
+    fp32 = evaluate_string(model, verdict_text[:2000])
+    q = quantize_int8(model)
+    assert generate(q, idx, 5, use_cache=True).shape == (1, 10)
+    int8 = evaluate_string(q, verdict_text[:2000])
+    assert abs(int8["loss"] - fp32["loss"]) < 0.05 * fp32["loss"]

@@ -101,6 +101,12 @@ def _say(text: str) -> None:
 # ------------------------------------------------------------------------------------
 # pretrain
 
+# The book's chapter-5 settings are TrainConfig's defaults; gptforge adds gradient clipping,
+# which keeps the short Verdict run from the loss spikes it otherwise sometimes shows
+# (`--grad-clip 0` turns it off).
+PRETRAIN_DEFAULTS = dict(grad_clip=1.0)
+
+
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a GPT model (default: the book's Verdict run)")
     p.add_argument("--model", default="gpt2-small",
@@ -118,7 +124,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<data>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
     p.add_argument("--sample-prompt", default="Every effort moves you")
-    add_train_args(p)
+    add_train_args(p, **PRETRAIN_DEFAULTS)
     p.set_defaults(func=cmd_pretrain)
 
 
@@ -136,7 +142,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         saved = json.loads((out / "train_config.json").read_text())
         cfg = train_config_from_args(args)
         cfg = type(cfg)(**{**saved, "betas": tuple(saved["betas"]),
-                           **_explicit_train_flags(args, cfg)})
+                           **_explicit_train_flags(cfg, PRETRAIN_DEFAULTS)})
         model = load_model(out)
     else:
         data = PretrainData(text=args.text, data=args.data, train_ratio=args.train_ratio,
@@ -161,7 +167,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     def on_epoch_end(m, epoch: int) -> None:
         from gptforge.generate import generate
 
-        ids = torch.tensor([text_to_ids(args.sample_prompt, tokenizer)], device=m.out_head.weight.device)
+        ids = torch.tensor([text_to_ids(args.sample_prompt, tokenizer)], device=m.emb.tok.weight.device)
         out_ids = generate(m, ids, 50, use_cache=True)
         _say(tokenizer.decode(out_ids[0].tolist()).replace("\n", " "))
         m.train()
@@ -179,12 +185,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _explicit_train_flags(args: argparse.Namespace, parsed) -> dict:
-    """TrainConfig values given on the command line that differ from the defaults
+def _explicit_train_flags(parsed, task_defaults: dict) -> dict:
+    """TrainConfig values given on the command line that differ from the command's defaults
     (so `--resume DIR --epochs 20` extends a run while keeping its other settings)."""
     from gptforge.training import TrainConfig
 
-    default = asdict(TrainConfig())
+    default = {**asdict(TrainConfig()), **task_defaults}
     return {k: v for k, v in asdict(parsed).items() if v != default[k] and k != "betas"}
 
 

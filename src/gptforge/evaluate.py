@@ -30,7 +30,7 @@ def evaluate_string(model: GPTModel, text: str, context_length: int | None = Non
     """Like `evaluate_text`, for a text already in memory."""
     ctx = min(context_length or model.cfg.context_length, model.cfg.context_length)
     data = GPTDataset(text, max_length=ctx, stride=ctx)
-    device = model.out_head.weight.device
+    device = model.emb.tok.weight.device
     model.eval()
     total, count = 0.0, 0
     starts = range(0, len(data), batch_size)
