@@ -51,12 +51,15 @@ def worker(engine: str, weights: str, tokens: int) -> dict:
                                       use_cache=True, pad_token_id=50256)
     else:
         from gptforge import generate, load_pretrained
+        from gptforge.generate import use_decode_layout
 
         model = load_pretrained(weights).eval()
         if engine == "gptforge-int8":
             from gptforge.quantize import quantize_int8
 
             model = quantize_int8(model)
+        else:  # as `gptforge generate` does
+            use_decode_layout(model)
 
         def run(n):
             return generate(model, ids, n, use_cache=engine != "gptforge-nocache")

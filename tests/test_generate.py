@@ -103,3 +103,16 @@ def test_int8_generation_and_evaluation_work(model, tiny_cfg, verdict_text):
     assert generate(q, idx, 5, use_cache=True).shape == (1, 10)
     int8 = evaluate_string(q, verdict_text[:2000])
     assert abs(int8["loss"] - fp32["loss"]) < 0.05 * fp32["loss"]
+
+
+def test_decode_layout_changes_memory_order_not_results(model, tiny_cfg):
+    from gptforge.generate import use_decode_layout
+
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 5))
+    before = generate(model, idx, 12)
+    logits = model(idx)
+    use_decode_layout(model)
+    assert not model.blocks[0].attn.qkv.weight.is_contiguous()
+    assert model.out_head.weight is model.emb.tok.weight  # still tied
+    assert torch.allclose(model(idx), logits, atol=1e-5)
+    assert torch.equal(generate(model, idx, 12), before)

@@ -212,7 +212,7 @@ def _add_generate(sub) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from gptforge.generate import check_sampling, stream_text
+    from gptforge.generate import check_sampling, stream_text, use_decode_layout
 
     check_sampling(args.temperature, args.top_k, args.top_p)
     model = load_model_arg(args.model, args.device)
@@ -220,6 +220,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from gptforge.quantize import quantize_int8
 
         model = quantize_int8(model)
+    else:
+        use_decode_layout(model)
     generator = torch.Generator(device=args.device).manual_seed(args.seed) if args.seed is not None else None
     sys.stdout.write(args.prompt)
     sys.stdout.flush()

@@ -38,6 +38,14 @@ def _load_model(source: str, device: str = "cpu"):
     return load_model_arg(source, device), {}
 
 
+def _load_for_answering(source: str, device: str = "cpu"):
+    """Like `_load_model`, with the weights laid out for fast decoding (chat, ask)."""
+    from gptforge.generate import use_decode_layout
+
+    model, meta = _load_model(source, device)
+    return use_decode_layout(model), meta
+
+
 def _template(name: str | None, meta: dict):
     from gptforge.finetune.instruct import template_of
     from gptforge.finetune.templates import get_template
@@ -211,7 +219,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     # The module, looked up at run time (`gptforge.generate` the attribute is a function).
     gen = importlib.import_module("gptforge.generate")
     sampling = _sampling(args)
-    model, meta = _load_model(args.model, args.device)
+    model, meta = _load_for_answering(args.model, args.device)
     template = _template(args.template, meta)
     tokenizer = get_tokenizer()
     ctx = model.cfg.context_length
@@ -282,7 +290,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from gptforge.finetune.instruct import answer
 
     sampling = _sampling(args)
-    model, meta = _load_model(args.model, args.device)
+    model, meta = _load_for_answering(args.model, args.device)
     template = _template(args.template, meta)
     entry = {"instruction": args.instruction, "input": args.input}
     print(answer(model, entry, template, args.max_new_tokens, **sampling))

@@ -217,8 +217,9 @@ def _load_language_model(source: str | os.PathLike | GPTModel, device: str) -> t
         raise ValueError(f"{source} is a classifier: serve a language model with --model and "
                          f"add the classifier with --classifier")
     from gptforge.cli import load_model_arg
+    from gptforge.generate import use_decode_layout
 
-    model = load_model_arg(str(source), device).eval()
+    model = use_decode_layout(load_model_arg(str(source), device).eval())
     if model.out_head.out_features != model.cfg.vocab_size:
         raise ValueError(f"{source} has no language-model head ({model.out_head.out_features} "
                          f"outputs): serve a language model with --model")
