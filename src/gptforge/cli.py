@@ -129,6 +129,8 @@ def _add_pretrain(sub) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    import time
+
     import torch
 
     from gptforge.checkpoint import load_model, read_meta
@@ -141,12 +143,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         data = PretrainData(**meta.get("data", {}))
         saved = json.loads((out / "train_config.json").read_text())
         cfg = train_config_from_args(args)
-        cfg = type(cfg)(**{**saved, "betas": tuple(saved["betas"]),
+        # A pause point (--stop-after) belongs to the earlier invocation, not to the run.
+        cfg = type(cfg)(**{**saved, "betas": tuple(saved["betas"]), "stop_after": None,
                            **_explicit_train_flags(cfg, PRETRAIN_DEFAULTS)})
         model = load_model(out)
     else:
-        data = PretrainData(text=args.text, data=args.data, train_ratio=args.train_ratio,
-                            stride=args.stride)
+        # Absolute paths, so `--resume` finds the data from any working directory.
+        data = PretrainData(text=[str(Path(t).absolute()) for t in args.text] if args.text else None,
+                            data=str(Path(args.data).absolute()) if args.data else None,
+                            train_ratio=args.train_ratio, stride=args.stride)
         cfg = train_config_from_args(args)
         torch.manual_seed(cfg.seed)
         shape = {k: getattr(args, k) for k in ("n_layers", "emb_dim", "n_heads")
@@ -173,8 +178,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         m.train()
 
     model_meta = {"data": asdict(data)}
-    import time
-
     start = time.perf_counter()
     result = pretrain(model, data, cfg, out, resume=bool(args.resume), on_eval=on_eval,
                       on_epoch_end=on_epoch_end, progress=not args.no_progress, meta=model_meta)
