@@ -333,7 +333,8 @@ _CORE_COMMANDS: list[Callable] = [_add_pretrain, _add_generate, _add_info, _add_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptforge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="gptforge", description="Build, train, load, fine-tune and run GPT-2-style language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _CORE_COMMANDS:
