@@ -15,21 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import make_gpt2_small_weights, run_worker
+
 PROMPT = "Every effort moves you"
-
-
-def make_weights(directory: Path) -> None:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(123)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(directory)
 
 
 def worker(engine: str, weights: str, tokens: int) -> dict:
@@ -101,14 +94,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "gpt2-small-random"
-        make_weights(weights)
+        make_gpt2_small_weights(weights)
         results: dict[str, list[float]] = {}
         schedule = [e for _ in range(args.rounds) for e in args.engines]
         schedule += ["gptforge-nocache"] * args.nocache_rounds
         for engine in schedule:
-            out = subprocess.run([sys.executable, __file__, "--worker", engine, "--weights", str(weights),
-                                  "--tokens", str(args.tokens)], capture_output=True, text=True, check=True)
-            record = json.loads(out.stdout.strip().splitlines()[-1])
+            record = run_worker(__file__, engine, weights, "--tokens", str(args.tokens))
             results.setdefault(engine, []).append(record["tokens_per_s"])
             print(f"  {engine:18s} {record['tokens_per_s']:6.2f} tok/s", file=sys.stderr)
     hf = statistics.median(results["hf"]) if "hf" in results else None

@@ -13,21 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import make_gpt2_small_weights, run_worker
+
 BATCH, SEQ = 2, 256
-
-
-def make_weights(directory: Path) -> None:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(123)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(directory)
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -111,13 +104,10 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "gpt2-small-random"
-        make_weights(weights)
+        make_gpt2_small_weights(weights)
         for _ in range(args.rounds):
             for engine in ("hf", "gptforge"):
-                out = subprocess.run([sys.executable, __file__, "--worker", engine, "--weights",
-                                      str(weights), "--steps", str(args.steps)],
-                                     capture_output=True, text=True, check=True)
-                rate = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+                rate = run_worker(__file__, engine, weights, "--steps", str(args.steps))["tokens_per_s"]
                 results.setdefault(engine, []).append(rate)
                 print(f"  {engine:9s} {rate:7.1f} tok/s", file=sys.stderr)
     fpt = flops_per_token(12, 768, 50257, SEQ)

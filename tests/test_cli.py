@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from gptforge import GPTConfig, GPTModel
+from gptforge import GPTModel
 from gptforge.checkpoint import save_model
 from gptforge.cli import main
 

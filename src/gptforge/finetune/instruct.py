@@ -268,13 +268,6 @@ def template_of(meta: Mapping[str, Any], default: str = "alpaca") -> PromptTempl
     return get_template(meta.get("instruct", {}).get("template") or default)
 
 
-def instruction_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the targets that are not ignored (-100)."""
-    from gptforge.pretrain import lm_loss
-
-    return lm_loss(model, batch)
-
-
 @torch.no_grad()
 def response_loss(model: nn.Module, entries: Sequence[Mapping[str, str]],
                   template: PromptTemplate | str = "alpaca", batch_size: int = 8,
@@ -436,7 +429,8 @@ def finetune_instruct(
     hold the run's weights (`load_run_for_resume`), and the run's saved splits are used.
     """
     from gptforge.checkpoint import save_model
-    from gptforge.finetune.lora import LoRALinear, apply_lora, save_lora
+    from gptforge.finetune.lora import apply_lora, has_lora, save_lora
+    from gptforge.pretrain import lm_loss
     from gptforge.training import Trainer
 
     out = Path(out_dir)
@@ -448,24 +442,24 @@ def finetune_instruct(
         write_splits(splits, out)
     ctx = model.cfg.context_length
     max_length = min(options.max_length or ctx, ctx)
-    has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
-    if options.lora_rank and not has_lora:
+    lora = has_lora(model)
+    if options.lora_rank and not lora:
         apply_lora(model, rank=options.lora_rank, alpha=options.lora_alpha or float(options.lora_rank))
-        has_lora = True
-    save_fn = partial(save_lora, base_model=base_model) if has_lora else save_model
+        lora = True
+    save_fn = partial(save_lora, base_model=base_model) if lora else save_model
     settings = {**asdict(options), "max_length": max_length}
-    if has_lora and settings["lora_rank"] is None:  # a resumed LoRA run
+    if lora and settings["lora_rank"] is None:  # a resumed LoRA run
         settings.pop("lora_rank"), settings.pop("lora_alpha")
-    elif has_lora:
+    elif lora:
         settings["lora_alpha"] = options.lora_alpha or float(options.lora_rank)
     meta = {"task": "instruct", "instruct": settings}
-    if not has_lora:
+    if not lora:
         meta["base_model"] = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
     tokenizer = get_tokenizer()
     trainer = Trainer(
         model, InstructionDataset(splits.train, template, tokenizer),
         InstructionDataset(splits.val, template, tokenizer) if splits.val else None,
-        instruction_loss, cfg, out, save_model=save_fn,
+        lm_loss, cfg, out, save_model=save_fn,
         collate_fn=instruction_collate(max_length, options.mask_prompt),
         on_eval=on_eval, on_epoch_end=on_epoch_end, progress=progress, meta=meta,
     )

@@ -101,6 +101,11 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 16.0,
     return model
 
 
+def has_lora(model: nn.Module) -> bool:
+    """Whether any layer of `model` carries LoRA adapters."""
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the tensors that training changes: adapters and any other trainable parameters."""
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
@@ -149,17 +154,13 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, *, base_model: str, 
     model's source under "base_model" (a preset name or a path, stored absolute),
     so `load_lora_run` can rebuild the model from the directory alone.
     """
-    from safetensors.torch import save_file
-
-    from gptforge.checkpoint import CONFIG_NAME, FORMAT_VERSION, atomic_write_bytes
+    from gptforge.checkpoint import CONFIG_NAME, FORMAT_VERSION, atomic_save_safetensors, atomic_write_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if Path(base_model).exists():
         base_model = str(Path(base_model).resolve())
-    tmp = out / f".{ADAPTER_NAME}.tmp"
-    save_file(lora_state_dict(model), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / ADAPTER_NAME)
+    atomic_save_safetensors(lora_state_dict(model), out / ADAPTER_NAME, metadata={"format": "pt"})
     info = {"format": LORA_FORMAT, "version": FORMAT_VERSION, "lora": lora_settings(model),
             "base_model": base_model, **meta}
     cfg = getattr(model, "cfg", None)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from gptforge.checkpoint import atomic_write_bytes
 from gptforge.config import GPTConfig
 from gptforge.model import GPTModel
 from gptforge.pretrained.names import gptforge_to_flat, name_map
@@ -193,7 +194,7 @@ def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    _atomic_write_text(out / CONFIG_NAME, json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
+    atomic_write_bytes(out / CONFIG_NAME, (json.dumps(hf_config(cfg, dtype), indent=2) + "\n").encode())
     return out
 
 
@@ -226,10 +227,4 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
             data = tensor.detach().to("cpu").contiguous().reshape(-1)
             if data.numel():
                 f.write(data.view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)
