@@ -89,18 +89,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def tune_malloc() -> None:
-    """Keep glibc from returning big freed blocks to the OS after every step.
+    """Keep glibc from handing big freed blocks back to the OS after every step.
 
-    Training allocates and frees the same large activations each step; with
-    glibc's default thresholds each such block is mmap'ed anew and page-faulted in.
-    Raising the mmap and trim thresholds reuses the memory instead.
+    Training allocates and frees the same large tensors (logits, the embedding
+    gradient) every step. By default glibc serves each one with a fresh mmap, so
+    every step page-faults hundreds of megabytes in again (zeroing a 154 MB
+    gradient took 90-400 ms instead of 8). Serving all blocks from the heap and
+    never trimming it lets each step reuse the memory of the step before.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return  # not glibc: nothing to tune
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)  # no mmap'ed blocks: everything from the heap
     libc.mallopt(m_trim_threshold, 1 << 31)
 
 
