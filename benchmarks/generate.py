@@ -61,7 +61,7 @@ def worker(engine: str, weights: str, tokens: int) -> dict:
     out = run(tokens)
     seconds = time.perf_counter() - start
     assert out.shape[-1] == ids.shape[1] + tokens
-    return {"engine": engine, "tokens_per_s": tokens / seconds, "first_ids": out[0, -5:].tolist()}
+    return {"engine": engine, "tokens_per_s": tokens / seconds, "last_ids": out[0, -5:].tolist()}
 
 
 def perplexity_check(run_dir: str) -> dict:
@@ -96,15 +96,22 @@ def main() -> None:
         weights = Path(tmp) / "gpt2-small-random"
         make_gpt2_small_weights(weights)
         results: dict[str, list[float]] = {}
+        last_ids: dict[str, list[int]] = {}  # each engine's last five greedy tokens
         schedule = [e for _ in range(args.rounds) for e in args.engines]
         schedule += ["gptforge-nocache"] * args.nocache_rounds
         for engine in schedule:
             record = run_worker(__file__, engine, weights, "--tokens", str(args.tokens))
             results.setdefault(engine, []).append(record["tokens_per_s"])
+            last_ids.setdefault(engine, record["last_ids"])
             print(f"  {engine:18s} {record['tokens_per_s']:6.2f} tok/s", file=sys.stderr)
     hf = statistics.median(results["hf"]) if "hf" in results else None
     if results:
         print_table(results, hf, args.tokens)
+    if "hf" in last_ids:
+        for engine, ids in last_ids.items():
+            if engine != "hf":
+                same = "the same as" if ids == last_ids["hf"] else "DIFFERENT from"
+                print(f"{engine}: last five greedy tokens {same} transformers' ({ids})")
     if args.trained_run:
         print("\nint8 vs float32 perplexity on The Verdict's validation text:")
         print(json.dumps(perplexity_check(args.trained_run), indent=2))

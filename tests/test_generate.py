@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from gptforge import GPTModel, generate, generate_stream, sample, stream_text
 from gptforge.generate import filter_logits
@@ -106,13 +107,29 @@ def test_int8_generation_and_evaluation_work(model, tiny_cfg, verdict_text):
 
 
 def test_decode_layout_changes_memory_order_not_results(model, tiny_cfg):
-    from gptforge.generate import use_decode_layout
+    from gptforge.generate import DecodeLinear, use_decode_layout
 
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 5))
     before = generate(model, idx, 12)
     logits = model(idx)
-    use_decode_layout(model)
+    names = [name for name, _ in model.named_parameters()]
+    use_decode_layout(model, parts=2)
+    assert isinstance(model.blocks[0].attn.qkv, DecodeLinear) and model.blocks[0].attn.qkv.parts == 2
     assert not model.blocks[0].attn.qkv.weight.is_contiguous()
+    assert [name for name, _ in model.named_parameters()] == names
     assert model.out_head.weight is model.emb.tok.weight  # still tied
     assert torch.allclose(model(idx), logits, atol=1e-5)
     assert torch.equal(generate(model, idx, 12), before)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_decode_linear_split_products_equal_linear(rows):
+    from gptforge.generate import DecodeLinear
+
+    layer = nn.Linear(64, 96)
+    x = torch.randn(rows, 1, 64)
+    expected = layer(x)
+    split = DecodeLinear(layer, parts=4)
+    assert split.weight is layer.weight and split.parts == 4
+    assert torch.allclose(split(x), expected, atol=1e-5)
+    assert DecodeLinear(nn.Linear(6, 8), parts=4).parts == 1  # 6 inputs do not split in 4

@@ -12,24 +12,63 @@ import codecs
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gptforge.model import GPTModel
 
 
-@torch.no_grad()
-def use_decode_layout(model: nn.Module) -> nn.Module:
-    """Store every linear weight input-major, for faster one-token decoding on CPUs.
+class DecodeLinear(nn.Linear):
+    """A linear layer laid out for decoding a few tokens at a time on CPUs.
 
-    Values, shapes and names stay the same; only the memory order changes, so that
-    `x @ W.T` reads W along its rows' transpose, the direction CPU matrix-vector
-    products stream fastest (gpt2-small decodes about a quarter faster here, see
-    docs/benchmarks.md). For models that are done training: an optimizer built before
-    the change would hold state in the old order. Returns the model, changed in place.
+    The weight is the same [out, in] parameter stored input-major (transposed in
+    memory), the order CPU matrix-vector products stream fastest. Such a product runs
+    on one core, and one core cannot draw all of the memory bandwidth, so inputs of at
+    most `max_rows` rows are computed as `parts` partial products, each over one
+    contiguous slice of the weight's rows; `torch.bmm` runs them on parallel threads
+    and their sum is the result. Longer inputs (a prompt) take the usual path.
     """
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.is_contiguous():
-            module.weight.data = module.weight.data.t().contiguous().t()
+
+    max_rows = 16
+
+    def __init__(self, layer: nn.Linear, parts: int) -> None:
+        super().__init__(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                         device="meta")  # no storage: the layer's own parameters are used
+        self.weight, self.bias = layer.weight, layer.bias
+        if self.weight.is_contiguous():
+            self.weight.data = self.weight.data.t().contiguous().t()
+        self.parts = parts if self.in_features % parts == 0 else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self.parts == 1 or rows > self.max_rows or not self.weight.t().is_contiguous():
+            return F.linear(x, self.weight, self.bias)
+        slices = self.weight.t().view(self.parts, -1, self.out_features)  # (P, in/P, out)
+        pieces = x.reshape(rows, self.parts, -1).transpose(0, 1)  # (P, rows, in/P)
+        y = torch.bmm(pieces, slices).sum(0)  # (rows, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+@torch.no_grad()
+def use_decode_layout(model: nn.Module, parts: int | None = None) -> nn.Module:
+    """Swap every linear layer of a CPU model for a `DecodeLinear`, for faster decoding.
+
+    Values, shapes and parameter names stay the same; only the weights' memory order
+    and the way one token's products are computed change (gpt2-small decodes about
+    1.8x faster here, see docs/benchmarks.md). `parts` defaults to PyTorch's thread
+    count. For models that are done training: an optimizer built before the change
+    would hold state in the old order. Models on other devices are left as they are.
+    Returns the model, changed in place.
+    """
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return model
+    parts = parts or torch.get_num_threads()
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Linear:
+                setattr(module, name, DecodeLinear(child, parts))
     return model
 
 
