@@ -4,7 +4,7 @@ Both load the same random gpt2-small weights (written once with `save_pretrained
 Every measurement runs in its own process, the engines alternate round by round, and
 the median tokens/s per engine is reported with its ratio to transformers.
 
-    python benchmarks/generate.py --rounds 3 --tokens 100 [--trained-run runs/gpt2-small-verdict]
+    python benchmarks/generate.py --rounds 3 --tokens 100 [--bandwidth] [--trained-run runs/gpt2-small-verdict]
 
 With --trained-run, also compares int8 and float32 perplexity on The Verdict's
 validation text (the last 10%) for a model trained by gptforge.
@@ -61,7 +61,7 @@ def worker(engine: str, weights: str, tokens: int) -> dict:
     out = run(tokens)
     seconds = time.perf_counter() - start
     assert out.shape[-1] == ids.shape[1] + tokens
-    return {"engine": engine, "tokens_per_s": tokens / seconds, "last_ids": out[0, -5:].tolist()}
+    return {"engine": engine, "tokens_per_s": tokens / seconds, "new_ids": out[0, ids.shape[1]:].tolist()}
 
 
 def perplexity_check(run_dir: str) -> dict:
@@ -78,6 +78,37 @@ def perplexity_check(run_dir: str) -> dict:
     return {"fp32_ppl": fp32, "int8_ppl": int8, "relative_change": int8 / fp32 - 1}
 
 
+def bandwidth() -> None:
+    """GB/s of weights read by one token's products through gpt2-small's 48 block layers,
+    computed three ways: as nn.Linear stores them, input-major, and as DecodeLinear does."""
+    import torch
+    from torch import nn
+
+    from gptforge.generate import DecodeLinear
+
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12
+    plain = [nn.Linear(i, o) for i, o in shapes]
+    layers = {
+        "nn.Linear": plain,
+        "input-major, one product": [DecodeLinear(nn.Linear(i, o), parts=1) for i, o in shapes],
+        f"DecodeLinear, {torch.get_num_threads()} parts": [DecodeLinear(nn.Linear(i, o), torch.get_num_threads())
+                                                         for i, o in shapes],
+    }
+    inputs = [torch.randn(1, 1, i) for i, _ in shapes]
+    n_bytes = sum(layer.weight.numel() + layer.bias.numel() for layer in plain) * 4
+    print(f"\none token through the 48 linear layers of gpt2-small's blocks ({n_bytes / 1e6:.0f} MB):")
+    with torch.no_grad():
+        for name, stack in layers.items():
+            times = []
+            for _ in range(21):
+                start = time.perf_counter()
+                for layer, x in zip(stack, inputs):
+                    layer(x)
+                times.append(time.perf_counter() - start)
+            median = statistics.median(times[1:])
+            print(f"  {name:28s} {median * 1e3:6.2f} ms  {n_bytes / median / 1e9:5.1f} GB/s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -85,6 +116,7 @@ def main() -> None:
     p.add_argument("--engines", nargs="+", default=["hf", "gptforge", "gptforge-int8"])
     p.add_argument("--nocache-rounds", type=int, default=1, help="gptforge without cache (slow)")
     p.add_argument("--trained-run", default=None)
+    p.add_argument("--bandwidth", action="store_true", help="also time the layers' products alone")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -96,22 +128,25 @@ def main() -> None:
         weights = Path(tmp) / "gpt2-small-random"
         make_gpt2_small_weights(weights)
         results: dict[str, list[float]] = {}
-        last_ids: dict[str, list[int]] = {}  # each engine's last five greedy tokens
+        new_ids: dict[str, list[int]] = {}  # each engine's greedy continuation
         schedule = [e for _ in range(args.rounds) for e in args.engines]
         schedule += ["gptforge-nocache"] * args.nocache_rounds
         for engine in schedule:
             record = run_worker(__file__, engine, weights, "--tokens", str(args.tokens))
             results.setdefault(engine, []).append(record["tokens_per_s"])
-            last_ids.setdefault(engine, record["last_ids"])
+            new_ids.setdefault(engine, record["new_ids"])
             print(f"  {engine:18s} {record['tokens_per_s']:6.2f} tok/s", file=sys.stderr)
     hf = statistics.median(results["hf"]) if "hf" in results else None
     if results:
         print_table(results, hf, args.tokens)
-    if "hf" in last_ids:
-        for engine, ids in last_ids.items():
+    if "hf" in new_ids:
+        for engine, ids in new_ids.items():
+            same = sum(a == b for a, b in zip(ids, new_ids["hf"]))
             if engine != "hf":
-                same = "the same as" if ids == last_ids["hf"] else "DIFFERENT from"
-                print(f"{engine}: last five greedy tokens {same} transformers' ({ids})")
+                print(f"{engine}: {same} of {len(ids)} greedy tokens equal transformers' "
+                      f"({len(set(ids))} distinct)")
+    if args.bandwidth:
+        bandwidth()
     if args.trained_run:
         print("\nint8 vs float32 perplexity on The Verdict's validation text:")
         print(json.dumps(perplexity_check(args.trained_run), indent=2))

@@ -106,8 +106,10 @@ def test_int8_generation_and_evaluation_work(model, tiny_cfg, verdict_text):
     assert abs(int8["loss"] - fp32["loss"]) < 0.05 * fp32["loss"]
 
 
-def test_decode_layout_changes_memory_order_not_results(model, tiny_cfg):
+def test_decode_layout_changes_memory_order_not_results(model, tiny_cfg, monkeypatch):
     from gptforge.generate import DecodeLinear, use_decode_layout
+
+    monkeypatch.setattr(DecodeLinear, "min_split_size", 1)  # split even the tiny model's layers
 
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 5))
     before = generate(model, idx, 12)
@@ -126,10 +128,11 @@ def test_decode_layout_changes_memory_order_not_results(model, tiny_cfg):
 def test_decode_linear_split_products_equal_linear(rows):
     from gptforge.generate import DecodeLinear
 
-    layer = nn.Linear(64, 96)
-    x = torch.randn(rows, 1, 64)
+    layer = nn.Linear(256, 768)
+    x = torch.randn(rows, 1, 256)
     expected = layer(x)
     split = DecodeLinear(layer, parts=4)
     assert split.weight is layer.weight and split.parts == 4
     assert torch.allclose(split(x), expected, atol=1e-5)
-    assert DecodeLinear(nn.Linear(6, 8), parts=4).parts == 1  # 6 inputs do not split in 4
+    assert DecodeLinear(nn.Linear(250, 768), parts=4).parts == 1  # 250 inputs do not split in 4
+    assert DecodeLinear(nn.Linear(64, 96), parts=4).parts == 1  # too small to gain from it

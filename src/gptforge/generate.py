@@ -26,10 +26,12 @@ class DecodeLinear(nn.Linear):
     on one core, and one core cannot draw all of the memory bandwidth, so inputs of at
     most `max_rows` rows are computed as `parts` partial products, each over one
     contiguous slice of the weight's rows; `torch.bmm` runs them on parallel threads
-    and their sum is the result. Longer inputs (a prompt) take the usual path.
+    and their sum is the result. Longer inputs (a prompt) and small weights (which
+    cache holds anyway, so splitting only adds work) take the usual path.
     """
 
     max_rows = 16
+    min_split_size = 1 << 17  # weights of fewer elements (512 KB in float32) are not split
 
     def __init__(self, layer: nn.Linear, parts: int) -> None:
         super().__init__(layer.in_features, layer.out_features, bias=layer.bias is not None,
@@ -37,7 +39,8 @@ class DecodeLinear(nn.Linear):
         self.weight, self.bias = layer.weight, layer.bias
         if self.weight.is_contiguous():
             self.weight.data = self.weight.data.t().contiguous().t()
-        self.parts = parts if self.in_features % parts == 0 else 1
+        splittable = self.in_features % parts == 0 and self.weight.numel() >= self.min_split_size
+        self.parts = parts if splittable else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
