@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,29 @@ def test_grad_accumulation_matches_a_bigger_batch(tmp_path, verdict_text):
     assert [r["loss"] for r in b.history] == pytest.approx([r["loss"] for r in a.history], abs=1e-5)
     for pa, pb in zip(ta.model.parameters(), tb.model.parameters()):
         assert torch.allclose(pa, pb, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_precision_sets_the_matmul_dtype_and_keeps_float32_weights(tmp_path, verdict_text, precision, dtype):
+    model = _tiny_model(drop=0.0)
+    seen = set()
+    model.out_head.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    trainer = _trainer(model, verdict_text, tmp_path / "run", precision=precision, device="cpu",
+                       epochs=3, eval_every=100, lr=1e-2)
+    history = trainer.fit().history
+    assert seen == {dtype}  # under bf16 autocast the logits come out of a bfloat16 matmul
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # master weights
+    assert history[-1]["loss"] < history[0]["loss"] - 1.0
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler")
+def test_compiled_training_matches_eager(tmp_path, verdict_text):
+    eager = _trainer(_tiny_model(drop=0.0), verdict_text, tmp_path / "eager", max_steps=4).fit()
+    trainer = _trainer(_tiny_model(drop=0.0), verdict_text, tmp_path / "compiled", max_steps=4, compile=True)
+    assert hasattr(trainer.train_model, "_orig_mod")  # wrapped by torch.compile
+    compiled = trainer.fit()
+    assert [r["loss"] for r in compiled.history] == pytest.approx([r["loss"] for r in eager.history],
+                                                                  rel=1e-4)
 
 
 def test_pretrain_cli_end_to_end(tmp_path, capsys):
