@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from gptforge import GPTConfig, GPTModel
 
@@ -37,6 +38,27 @@ def test_kv_cache_forward_equals_full_forward(tiny_cfg):
     pieces = [model(idx[:, :5], start_pos=0), model(idx[:, 5:6], start_pos=5),
               model(idx[:, 6:16], start_pos=6)]  # a multi-token chunk after a prefix uses a mask
     assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_rows_at_their_own_positions_equal_full_forwards(tiny_cfg, impl):
+    # Serving: requests of different lengths, each with its own cache, step together.
+    model = GPTModel(tiny_cfg.replace(attn_impl=impl)).eval()
+    seqs = [torch.randint(0, tiny_cfg.vocab_size, (1, n)) for n in (4, 9, 6)]
+    caches = []
+    for seq in seqs:
+        model.setup_cache(1)
+        model(seq[:, :-1], start_pos=0)  # each prompt alone, all but its last token
+        caches.append([block.attn.cache for block in model.blocks])
+    for i, block in enumerate(model.blocks):
+        block.attn.cache = nn.ModuleList(c[i] for c in caches)
+    last = torch.cat([seq[:, -1:] for seq in seqs])  # (3, 1)
+    together = model(last, start_pos=[seq.shape[1] - 1 for seq in seqs])[:, -1]  # (3, V)
+    model.clear_cache()
+    for row, seq in enumerate(seqs):
+        assert (together[row] - model(seq)[0, -1]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="one per row"):
+        model(last, start_pos=[3, 8])
 
 
 def test_presets_and_overrides():

@@ -433,6 +433,26 @@ def test_engine_queues_beyond_max_active(lm):
         engine.stop()
 
 
+def test_engine_decodes_active_requests_in_one_batch(lm):
+    rows = []  # the batch size of every forward pass
+    hook = lm.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    engine = Engine(lm, get_tokenizer(), eos_id=EOT_ID, max_active=4)
+    prompts = [f"Item {i}:" for i in range(4)]
+    results: dict[int, list] = {i: [] for i in range(4)}
+    for i, prompt in enumerate(prompts):  # all queued before the worker starts
+        engine.submit(text_to_ids(prompt), SamplingParams(max_tokens=6, temperature=0.0),
+                      lambda e, i=i: results[i].append(e))
+    engine.start()
+    try:
+        assert wait_for(lambda: all(r and r[-1].finish_reason for r in results.values()))
+    finally:
+        engine.stop()
+        hook.remove()
+    for i, prompt in enumerate(prompts):
+        assert "".join(e.text for e in results[i]) == reference_text(lm, prompt, 6)
+    assert rows[:5] == [1, 1, 1, 1, 4]  # four prompts one by one, then one batch of four
+
+
 def test_disconnect_mid_stream_stops_generation(slow_url):
     before = engine_stats(slow_url)
     body = {"prompt": "Tell me a long story", "max_tokens": 60, "temperature": 0, "stream": True}

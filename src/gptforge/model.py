@@ -25,9 +25,11 @@ class GPTEmbeddings(nn.Module):
         self.tok = nn.Embedding(vocab_size, emb_dim)
         self.pos = nn.Embedding(context_length, emb_dim)
 
-    def forward(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        positions = torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device)
-        return self.tok(idx) + self.pos(positions)  # (B, T, D) + (T, D) broadcasts
+    def forward(self, idx: torch.Tensor, start_pos: int | list[int] = 0) -> torch.Tensor:
+        """`start_pos` is where idx begins: one position for all rows, or a list, one per row."""
+        offsets = torch.as_tensor(start_pos, device=idx.device).view(-1, 1)  # (1 or B, 1)
+        positions = offsets + torch.arange(idx.shape[1], device=idx.device)  # (1 or B, T)
+        return self.tok(idx) + self.pos(positions)  # (B, T, D) + (1 or B, T, D) broadcasts
 
 
 def create_embeddings(
@@ -74,36 +76,42 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.attn_drop = nn.Dropout(cfg.drop_rate)
-        self.cache: KVCache | None = None
+        self.cache: KVCache | nn.ModuleList | None = None  # a ModuleList: one KVCache per row
 
-    def forward(self, x: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int | list[int] | None = None) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)  # 3 x (B, T, D)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         # q, k, v: (B, H, T, hd)
-        offset = 0
-        if start_pos is not None:
-            if self.cache is None:
-                raise RuntimeError("call model.setup_cache(...) before a forward pass with start_pos")
-            k, v = self.cache.update(start_pos, k, v)  # (B, H, S, hd)
-            offset = start_pos
-        S = k.shape[2]
+        if start_pos is None:
+            out = self._attend(q, k, v, 0)
+        elif self.cache is None:
+            raise RuntimeError("call model.setup_cache(...) before a forward pass with start_pos")
+        elif isinstance(start_pos, list):
+            # Rows of different requests (serving): each row has its own position and its
+            # own cache, so attention runs row by row; the linear layers stay batched.
+            out = torch.cat([self._attend(q[b:b + 1], *cache.update(pos, k[b:b + 1], v[b:b + 1]), pos)
+                             for b, (pos, cache) in enumerate(zip(start_pos, self.cache))])
+        else:
+            out = self._attend(q, *self.cache.update(start_pos, k, v), start_pos)  # keys (B, H, S, hd)
+        out = out.transpose(1, 2).reshape(B, T, D)  # heads side by side again
+        return self.proj(out)
 
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
+        """Causal attention of queries at positions offset, offset + 1, ... over keys from 0."""
+        T, S = q.shape[2], k.shape[2]
         if self.impl == "sdpa":
             # Without an offset the causal mask is the plain lower triangle; one new
             # token (T == 1) may see every cached position, so it needs no mask.
-            mask = None if offset == 0 or T == 1 else _causal_mask(T, S, offset, x.device)
-            out = F.scaled_dot_product_attention(
+            mask = None if offset == 0 or T == 1 else _causal_mask(T, S, offset, q.device)
+            return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=(offset == 0 and T > 1),
                 dropout_p=self.drop_rate if self.training else 0.0,
             )
-        else:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
-            scores = scores.masked_fill(~_causal_mask(T, S, offset, x.device), float("-inf"))
-            weights = self.attn_drop(torch.softmax(scores, dim=-1))
-            out = weights @ v  # (B, H, T, hd)
-        out = out.transpose(1, 2).reshape(B, T, D)  # heads side by side again
-        return self.proj(out)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        scores = scores.masked_fill(~_causal_mask(T, S, offset, q.device), float("-inf"))
+        weights = self.attn_drop(torch.softmax(scores, dim=-1))
+        return weights @ v  # (B, H, T, hd)
 
 
 def _causal_mask(T: int, S: int, offset: int, device: torch.device) -> torch.Tensor:
@@ -136,7 +144,7 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int | list[int] | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), start_pos))  # shortcut around attention
         x = x + self.drop(self.ff(self.norm2(x)))  # shortcut around the feed-forward
         return x
@@ -180,18 +188,26 @@ class GPTModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
-        self._check_input(idx, start_pos or 0)
-        x = self.drop(self.emb(idx, start_pos or 0))  # (B, T, D)
+    def forward(self, idx: torch.Tensor, start_pos: int | list[int] | None = None) -> torch.Tensor:
+        self._check_input(idx, start_pos)
+        x = self.drop(self.emb(idx, 0 if start_pos is None else start_pos))  # (B, T, D)
         for block in self.blocks:
             x = block(x, start_pos)
         return self.out_head(self.final_norm(x))  # (B, T, V)
 
-    def _check_input(self, idx: torch.Tensor, start_pos: int) -> None:
+    def _check_input(self, idx: torch.Tensor, start_pos: int | list[int] | None) -> None:
         if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"expected token ids as an integer tensor of shape (batch, tokens), "
                              f"got {tuple(idx.shape)} of {idx.dtype}")
-        end = start_pos + idx.shape[1]
+        if isinstance(start_pos, list):
+            if len(start_pos) != idx.shape[0] or idx.shape[1] != 1:
+                raise ValueError(f"a list of start positions needs one per row and one token per "
+                                 f"row, got {len(start_pos)} for ids of shape {tuple(idx.shape)}")
+            if not isinstance(self.blocks[0].attn.cache, nn.ModuleList):
+                raise RuntimeError("a list of start positions needs an nn.ModuleList of KV caches, "
+                                   "one per row, in every attention layer")
+            start_pos = max(start_pos)
+        end = (start_pos or 0) + idx.shape[1]
         if end > self.cfg.context_length:
             raise ValueError(f"sequence of {end} tokens is longer than the model's context length "
                              f"({self.cfg.context_length}); crop the input to the last "

@@ -1,10 +1,12 @@
 """The serving engine: one model, one worker thread, many requests decoded in turns.
 
 Requests wait in a queue; the worker admits up to `max_active` of them and then
-advances each by one token per turn (round robin), so a long answer never holds
-back a short one and every stream sees tokens at once. Each request owns its
-KV cache, which the worker lends to the model for that request's step only, so
-requests of any lengths share one model without padding or masks. Only the
+advances each by one token per turn, so a long answer never holds back a short one
+and every stream sees tokens at once. A turn runs the prompts of newly admitted
+requests one by one, then one batch with one new token for each of the others:
+the linear layers (most of the work) run once for the whole batch. Each request
+owns its KV cache, which the worker lends to the model for the turn only, so
+requests of any lengths share one model without padding. Only the
 worker thread touches the model: the web server's event loop hands requests in
 and gets `Event`s back through a callback, and never waits on model compute.
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from torch import nn
 
 from gptforge.generate import check_sampling, sample
 from gptforge.model import GPTModel, KVCache
@@ -236,7 +239,7 @@ class Engine:
                         future.set_result(fn())
                     except BaseException as err:  # the caller gets it from the future
                         future.set_exception(err)
-            finished = [gen for gen in active if self._advance(gen)]
+            finished = self._turn(active)
             if finished:
                 with self._wake:
                     self._active = [g for g in self._active if g not in finished]
@@ -253,23 +256,40 @@ class Engine:
                 self.stats["timed_out"] += 1
                 self._emit(gen, Event(finish_reason="timeout"))
 
-    def _advance(self, gen: Generation) -> bool:
-        """Generate one token for `gen` and report it; True once `gen` is finished."""
-        if gen.cancelled:
-            self.stats["cancelled"] += 1
-            return True
-        if gen.deadline is not None and time.monotonic() > gen.deadline:
-            self.stats["timed_out"] += 1
-            self._emit(gen, Event(gen.text.finish(), "timeout", gen.generated))
-            return True
-        try:
-            token = self._step(gen)
-        except Exception as err:  # report it to this request and keep serving the others
-            log.exception("generation failed")
-            self.stats["failed"] += 1
-            self._emit(gen, Event(finish_reason="error", completion_tokens=gen.generated,
-                                  error=f"{type(err).__name__}: {err}"))
-            return True
+    def _turn(self, active: list[Generation]) -> list[Generation]:
+        """Generate one token for every active request; return those that finished.
+
+        A request new to the worker first runs its whole prompt alone. The others each
+        feed one token, all in one batch: the weights are read once for all of them.
+        """
+        finished, prompts, decoding = [], [], []
+        now = time.monotonic()
+        for gen in active:
+            if gen.cancelled:
+                self.stats["cancelled"] += 1
+                finished.append(gen)
+            elif gen.deadline is not None and now > gen.deadline:
+                self.stats["timed_out"] += 1
+                self._emit(gen, Event(gen.text.finish(), "timeout", gen.generated))
+                finished.append(gen)
+            else:
+                (prompts if gen.caches is None else decoding).append(gen)
+        for group in [[gen] for gen in prompts] + ([decoding] if decoding else []):
+            try:
+                tokens = self._step(group)
+            except Exception as err:  # report it to these requests and keep serving the others
+                log.exception("generation failed")
+                for gen in group:
+                    self.stats["failed"] += 1
+                    self._emit(gen, Event(finish_reason="error", completion_tokens=gen.generated,
+                                          error=f"{type(err).__name__}: {err}"))
+                finished += group
+                continue
+            finished += [gen for gen, token in zip(group, tokens) if self._report(gen, token)]
+        return finished
+
+    def _report(self, gen: Generation, token: int) -> bool:
+        """Send `gen`'s new token on as text; True once `gen` is finished."""
         gen.generated += 1
         self.stats["tokens"] += 1
         if self.eos_id is not None and token == self.eos_id:
@@ -298,26 +318,37 @@ class Engine:
             log.debug("dropping a generation whose receiver failed", exc_info=True)
             gen.cancel()
 
-    def _step(self, gen: Generation) -> int:
-        """Run the model on `gen`'s new tokens with `gen`'s own KV cache; sample one token."""
+    def _step(self, group: list[Generation]) -> list[int]:
+        """Run the model on the group's new tokens, each request with its own KV cache;
+        sample one token for each. A group is one request with its prompt, or any number
+        of requests with one new token each."""
         model = self.model
         with torch.inference_mode():
-            if gen.caches is None:
-                # Room for every position this request can feed the model.
-                longest = min(self.context_length, len(gen.prompt) + gen.params.max_tokens - 1)
-                model.setup_cache(1, longest)
-                gen.caches = [block.attn.cache for block in model.blocks]
-            for block, cache in zip(model.blocks, gen.caches):
-                block.attn.cache = cache
+            for gen in group:
+                if gen.caches is None:
+                    # Room for every position this request can feed the model.
+                    longest = min(self.context_length, len(gen.prompt) + gen.params.max_tokens - 1)
+                    model.setup_cache(1, longest)
+                    gen.caches = [block.attn.cache for block in model.blocks]
+            for i, block in enumerate(model.blocks):
+                caches = [gen.caches[i] for gen in group]
+                block.attn.cache = nn.ModuleList(caches) if len(group) > 1 else caches[0]
             try:
                 device = model.emb.tok.weight.device
-                new = torch.tensor([gen.tokens[gen.cached:]], dtype=torch.long, device=device)
-                logits = model(new, start_pos=gen.cached)[:, -1]  # (1, V)
+                if len(group) > 1:
+                    new = torch.tensor([gen.tokens[-1:] for gen in group], device=device)  # (n, 1)
+                    logits = model(new, start_pos=[gen.cached for gen in group])[:, -1]  # (n, V)
+                else:
+                    gen = group[0]
+                    new = torch.tensor([gen.tokens[gen.cached:]], device=device)  # (1, T)
+                    logits = model(new, start_pos=gen.cached)[:, -1]  # (1, V)
             finally:
-                model.clear_cache()  # the caches stay with `gen`
-            gen.cached = len(gen.tokens)
-            p = gen.params
-            token = int(sample(logits, p.temperature, p.top_k, p.top_p, gen.generator)[0])
-        gen.tokens.append(token)
-        return token
-
+                model.clear_cache()  # the caches stay with their requests
+            tokens = []
+            for row, gen in enumerate(group):
+                p = gen.params
+                token = int(sample(logits[row:row + 1], p.temperature, p.top_k, p.top_p, gen.generator)[0])
+                gen.cached = len(gen.tokens)
+                gen.tokens.append(token)
+                tokens.append(token)
+        return tokens
