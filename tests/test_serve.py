@@ -453,6 +453,40 @@ def test_engine_decodes_active_requests_in_one_batch(lm):
     assert rows[:5] == [1, 1, 1, 1, 4]  # four prompts one by one, then one batch of four
 
 
+class FlakyModel(GPTModel):
+    """The tiny model, failing every batched step while `failing` is set."""
+
+    failing = True
+
+    def forward(self, idx, start_pos=None):
+        if self.failing and isinstance(start_pos, list):
+            raise RuntimeError("the batched step broke")
+        return super().forward(idx, start_pos)
+
+
+def test_a_failed_batch_ends_its_requests_with_an_error_and_serving_goes_on(lm):
+    flaky = FlakyModel(CFG)
+    flaky.load_state_dict(lm.state_dict())
+    engine = Engine(flaky, get_tokenizer(), eos_id=EOT_ID, max_active=4)
+    results: dict[int, list] = {i: [] for i in range(3)}
+    for i in range(3):
+        engine.submit(text_to_ids(f"Item {i}:"), SamplingParams(max_tokens=6, temperature=0.0),
+                      lambda e, i=i: results[i].append(e))
+    engine.start()
+    try:
+        assert wait_for(lambda: all(r and r[-1].finish_reason for r in results.values()))
+        for events in results.values():  # the prompt step worked, the first batch failed
+            assert events[-1].finish_reason == "error" and "batched step broke" in events[-1].error
+        assert engine.snapshot()["failed"] == 3 and engine.snapshot()["active"] == 0
+        flaky.failing = False
+        later: list = []
+        engine.submit(text_to_ids("Item 0:"), SamplingParams(max_tokens=6, temperature=0.0), later.append)
+        assert wait_for(lambda: later and later[-1].finish_reason)
+        assert "".join(e.text for e in later) == reference_text(lm, "Item 0:", 6)
+    finally:
+        engine.stop()
+
+
 def test_disconnect_mid_stream_stops_generation(slow_url):
     before = engine_stats(slow_url)
     body = {"prompt": "Tell me a long story", "max_tokens": 60, "temperature": 0, "stream": True}
