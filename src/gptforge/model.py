@@ -156,6 +156,9 @@ class GPTModel(nn.Module):
     `forward(idx)` runs the whole sequence from position 0. For fast generation,
     `setup_cache(batch_size, max_len)` adds a KV cache, after which
     `forward(idx, start_pos=p)` processes only the new tokens at positions p, p+1, ...
+    To step rows of different requests together (serving), give each attention layer
+    an `nn.ModuleList` with one cache per row and pass one token per row with a list
+    of their positions.
     """
 
     def __init__(self, cfg: GPTConfig, init: str = "gpt2") -> None:
