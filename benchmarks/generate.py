@@ -141,8 +141,8 @@ def main() -> None:
         print_table(results, hf, args.tokens)
     if "hf" in new_ids:
         for engine, ids in new_ids.items():
-            same = sum(a == b for a, b in zip(ids, new_ids["hf"]))
             if engine != "hf":
+                same = sum(a == b for a, b in zip(ids, new_ids["hf"]))
                 print(f"{engine}: {same} of {len(ids)} greedy tokens equal transformers' "
                       f"({len(set(ids))} distinct)")
     if args.bandwidth:

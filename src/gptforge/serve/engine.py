@@ -335,13 +335,9 @@ class Engine:
                 block.attn.cache = nn.ModuleList(caches) if len(group) > 1 else caches[0]
             try:
                 device = model.emb.tok.weight.device
-                if len(group) > 1:
-                    new = torch.tensor([gen.tokens[-1:] for gen in group], device=device)  # (n, 1)
-                    logits = model(new, start_pos=[gen.cached for gen in group])[:, -1]  # (n, V)
-                else:
-                    gen = group[0]
-                    new = torch.tensor([gen.tokens[gen.cached:]], device=device)  # (1, T)
-                    logits = model(new, start_pos=gen.cached)[:, -1]  # (1, V)
+                new = torch.tensor([gen.tokens[gen.cached:] for gen in group], device=device)  # (n, T)
+                positions = [gen.cached for gen in group]  # T is 1 whenever n > 1
+                logits = model(new, start_pos=positions if len(group) > 1 else positions[0])[:, -1]  # (n, V)
             finally:
                 model.clear_cache()  # the caches stay with their requests
             tokens = []
