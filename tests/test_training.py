@@ -109,6 +109,26 @@ def test_grad_accumulation_matches_a_bigger_batch(tmp_path, verdict_text):
         assert torch.allclose(pa, pb, atol=1e-5)
 
 
+def test_device_auto_selection_and_auto_precision(monkeypatch):
+    from gptforge.training import autocast_dtype, pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun, each process takes its own GPU
+    assert pick_device("auto") == torch.device("cuda", 3)
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert autocast_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cpu")) is None  # the CPU trains in float32 unless asked
+    assert autocast_dtype("fp32", torch.device("cuda", 0)) is None
+    with pytest.raises(ValueError, match="precision must be"):
+        autocast_dtype("fp16", torch.device("cpu"))
+
+
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_precision_sets_the_matmul_dtype_and_keeps_float32_weights(tmp_path, verdict_text, precision, dtype):
     model = _tiny_model(drop=0.0)
