@@ -19,15 +19,10 @@ from safetensors.torch import save_file
 
 from gptforge.config import GPTConfig
 from gptforge.model import GPTModel
-from gptforge.pretrained import (
-    convert,
-    detect_format,
-    flat_to_gptforge,
-    gptforge_to_flat,
-    load_pretrained,
-    read_openai_checkpoint,
-    save_hf,
-)
+from gptforge import load
+from gptforge.convert import convert
+from gptforge.loader import detect_format
+from gptforge.pretrained import flat_to_gptforge, gptforge_to_flat, read_openai_checkpoint, save_hf
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -100,7 +95,7 @@ def assert_same_parameters(a: GPTModel, b: GPTModel) -> None:
 def test_hf_model_gives_same_logits_and_greedy_text(tmp_path):
     hf = tiny_hf()
     hf.save_pretrained(tmp_path)
-    ours = load_pretrained(tmp_path)
+    ours = load(tmp_path)
     assert not ours.training and ours.out_head.weight is ours.emb.tok.weight
     ids = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(1))
     assert (logits_of(ours, ids) - logits_of(hf, ids)).abs().max() <= 1e-4
@@ -112,7 +107,7 @@ def test_gpt2_small_full_size_logits(tmp_path):
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config()).eval()  # 124M parameters, random
     hf.save_pretrained(tmp_path)
-    ours = load_pretrained(tmp_path)
+    ours = load(tmp_path)
     assert ours.cfg == GPTConfig.from_name("gpt2-small", drop_rate=0.0)
     ids = torch.randint(0, 50257, (1, 24), generator=torch.Generator().manual_seed(2))
     assert (logits_of(ours, ids) - logits_of(hf, ids)).abs().max() <= 1e-4
@@ -122,8 +117,8 @@ def test_bare_safetensors_file_with_config_beside_it(tmp_path):
     hf = tiny_hf()
     hf.save_pretrained(tmp_path)
     assert detect_format(tmp_path / "model.safetensors") == "hf"
-    bare = load_pretrained(tmp_path / "model.safetensors")
-    assert_same_parameters(bare, load_pretrained(tmp_path))
+    bare = load(tmp_path / "model.safetensors")
+    assert_same_parameters(bare, load(tmp_path))
 
 
 def test_sharded_hf_checkpoint(tmp_path):
@@ -131,14 +126,14 @@ def test_sharded_hf_checkpoint(tmp_path):
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     hf.save_pretrained(tmp_path / "single")
-    sharded, single = load_pretrained(tmp_path / "sharded"), load_pretrained(tmp_path / "single")
+    sharded, single = load(tmp_path / "sharded"), load(tmp_path / "single")
     assert_same_parameters(sharded, single)
 
 
 def test_untied_lm_head(tmp_path):
     hf = tiny_hf(tie=False)
     hf.save_pretrained(tmp_path)
-    ours = load_pretrained(tmp_path)
+    ours = load(tmp_path)
     assert not ours.cfg.tie_weights
     assert not torch.equal(ours.out_head.weight, ours.emb.tok.weight)
     ids = torch.randint(0, 101, (1, 12))
@@ -159,12 +154,12 @@ def test_hub_layout_without_prefix_and_with_mask_buffers(tmp_path):
     (tmp_path / "hub").mkdir()
     save_file(state, tmp_path / "hub" / "model.safetensors", metadata={"format": "pt"})
     hf.config.to_json_file(tmp_path / "hub" / "config.json")
-    assert_same_parameters(load_pretrained(tmp_path / "hub"), load_pretrained(tmp_path / "new"))
+    assert_same_parameters(load(tmp_path / "hub"), load(tmp_path / "new"))
 
 
 def test_dtype_conversion_keeps_the_head_tied(tmp_path):
     tiny_hf().save_pretrained(tmp_path)
-    ours = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    ours = load(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     assert ours.out_head.weight is ours.emb.tok.weight
 
@@ -175,7 +170,7 @@ def test_tf_fixture_and_hf_copy_load_identically(tmp_path):
     expected = dict(np.load(TF_GPT2 / "expected.npz"))
     hf = hf_from_expected(expected)
     hf.save_pretrained(tmp_path)
-    from_tf, from_hf = load_pretrained(TF_GPT2), load_pretrained(tmp_path)
+    from_tf, from_hf = load(TF_GPT2), load(tmp_path)
     assert from_tf.cfg == from_hf.cfg
     assert_same_parameters(from_tf, from_hf)
     ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(3))
@@ -194,8 +189,8 @@ def test_openai_reader_gives_flat_conv1d_weights():
 
 
 def test_loading_imports_neither_tensorflow_nor_transformers():
-    code = ("import sys; from gptforge.pretrained import load_pretrained; "
-            f"load_pretrained({str(TF_GPT2)!r}); "
+    code = ("import sys; from gptforge import load; "
+            f"load({str(TF_GPT2)!r}); "
             "print(sorted(m for m in ('tensorflow', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(SRC), "PATH": ""})
@@ -210,10 +205,10 @@ def test_hparams_that_do_not_match_the_weights(tmp_path):
     hp = json.loads((ckpt / "hparams.json").read_text())
     (ckpt / "hparams.json").write_text(json.dumps({**hp, "n_layer": 3}))
     with pytest.raises(ValueError, match=r"missing h\.2\.attn\.c_attn\.bias"):
-        load_pretrained(ckpt)
+        load(ckpt)
     (ckpt / "hparams.json").write_text(json.dumps({**hp, "n_vocab": 100}))
     with pytest.raises(ValueError, match=r"wte\.weight has shape \[96, 12\], expected \[100, 12\]"):
-        load_pretrained(ckpt)
+        load(ckpt)
 
 
 # gptforge -> Hugging Face and gptforge formats ----------------------------------------------------
@@ -221,16 +216,16 @@ def test_hparams_that_do_not_match_the_weights(tmp_path):
 def test_convert_tf_to_hf_loads_in_transformers(tmp_path):
     out = convert(TF_GPT2, tmp_path / "hf", to="hf")
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
-    ours = load_pretrained(TF_GPT2)
+    ours = load(TF_GPT2)
     ids = torch.randint(0, 96, (2, 20))
     assert (logits_of(hf, ids) - logits_of(ours, ids)).abs().max() <= 1e-4
-    assert_same_parameters(load_pretrained(out), ours)
+    assert_same_parameters(load(out), ours)
 
 
 def test_convert_to_gptforge_round_trips(tmp_path):
     out = convert(TF_GPT2, tmp_path / "ours", to="gptforge")
     assert detect_format(out) == "gptforge"
-    assert_same_parameters(load_pretrained(out), load_pretrained(TF_GPT2))
+    assert_same_parameters(load(out), load(TF_GPT2))
 
 
 def test_convert_rejects_unknown_format(tmp_path):
@@ -301,7 +296,7 @@ def test_hf_checkpoint_missing_a_tensor(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     hf.config.to_json_file(tmp_path / "config.json")
     with pytest.raises(ValueError, match=r"missing h\.1\.ln_2\.bias"):
-        load_pretrained(tmp_path)
+        load(tmp_path)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -314,16 +309,16 @@ def test_unsupported_hf_configs(tmp_path, change, message):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ValueError, match=message):
-        load_pretrained(tmp_path)
+        load(tmp_path)
 
 
 # Finding the source ---------------------------------------------------------------------------
 
 def test_unknown_source_says_what_was_looked_for(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a preset name.*hparams.json.*config.json"):
-        load_pretrained(tmp_path / "nothing-here")
+        load(tmp_path / "nothing-here")
     with pytest.raises(FileNotFoundError, match="gptforge.json.*hparams.json.*config.json"):
-        load_pretrained(tmp_path)  # exists, but empty
+        load(tmp_path)  # exists, but empty
 
 
 @pytest.mark.parametrize("name, fmt, size", [("124M", "openai", "124M"),
@@ -338,6 +333,6 @@ def test_preset_names_download_first(monkeypatch, tmp_path, name, fmt, size):
 
     monkeypatch.setattr("gptforge.download.download_gpt2", fake_download)
     monkeypatch.chdir(tmp_path)  # so that no local directory shadows the name
-    model = load_pretrained(name, fmt=fmt)
+    model = load(name, download_format=fmt)
     assert calls == [(size, fmt)]
     assert model.cfg.vocab_size == 96

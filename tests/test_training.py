@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptforge import GPTConfig, GPTModel, load_pretrained
-from gptforge.checkpoint import load_model, save_model
+from gptforge import GPTConfig, GPTModel, load
+from gptforge.checkpoint import RunMeta
 from gptforge.cli import main
-from gptforge.data import GPTDataset
-from gptforge.pretrain import lm_loss
-from gptforge.training import ResumableBatchSampler, Trainer, TrainConfig
+from gptforge.data import GPTDataset, ResumableBatchSampler
+from gptforge.training import Trainer, TrainConfig, lm_loss
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TINY = ["--n-layers", "2", "--emb-dim", "32", "--n-heads", "2", "--context-length", "32"]
@@ -30,7 +29,8 @@ def _datasets(text):
 def _trainer(model, text, out, loss_fn=lm_loss, **cfg):
     train, val = _datasets(text)
     settings = dict(epochs=2, batch_size=4, eval_every=1, eval_batches=2, lr=1e-3, keep_last=0)
-    return Trainer(model, train, val, loss_fn, TrainConfig(**{**settings, **cfg}), out, save_model=save_model)
+    return Trainer(model, train, val, loss_fn, TrainConfig(**{**settings, **cfg}), out,
+                   RunMeta(model=model.cfg))
 
 
 def _tiny_model(seed=0, drop=0.1):
@@ -49,7 +49,7 @@ def test_resume_continues_exactly(tmp_path, verdict_text):
     k = steps // 2 + 1  # mid-epoch
     paused = _trainer(_tiny_model(), verdict_text, tmp_path / "run", stop_after=k).fit()
     assert paused.interrupted and paused.step == k
-    resumed_trainer = _trainer(load_model(tmp_path / "run"), verdict_text, tmp_path / "run")
+    resumed_trainer = _trainer(load(tmp_path / "run", for_training=True), verdict_text, tmp_path / "run")
     resumed_trainer.resume()
     resumed = resumed_trainer.fit()
     assert resumed.step == steps
@@ -72,7 +72,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, verdict_text):
         trainer.fit()
     saved = json.loads((tmp_path / "run" / "gptforge.json").read_text())["step"]
     assert saved == 3
-    again = _trainer(load_model(tmp_path / "run"), verdict_text, tmp_path / "run", epochs=1)
+    again = _trainer(load(tmp_path / "run", for_training=True), verdict_text, tmp_path / "run", epochs=1)
     again.resume()
     result = again.fit()
     assert _losses(result.history, 3) == _losses(full.history, 3)
@@ -110,7 +110,7 @@ def test_grad_accumulation_matches_a_bigger_batch(tmp_path, verdict_text):
 
 
 def test_device_auto_selection_and_auto_precision(monkeypatch):
-    from gptforge.training import autocast_dtype, pick_device
+    from gptforge.runtime import autocast_dtype, pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
@@ -162,7 +162,7 @@ def test_pretrain_cli_end_to_end(tmp_path, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 3, 4]
     assert {"step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr", "tokens_per_s"} <= set(records[0])
-    model = load_pretrained(str(out))
+    model = load(str(out))
     assert model.cfg.n_layers == 2 and model.cfg.context_length == 32
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "--prompt", "Every effort moves you",
@@ -174,11 +174,11 @@ def test_pretrain_cli_end_to_end(tmp_path, capsys):
     assert records[-1]["step"] == 6
 
 
-def test_pretrain_refuses_to_overwrite_a_run(tmp_path):
+def test_pretrain_refuses_to_overwrite_a_run(tmp_path, capsys):
     out = tmp_path / "run"
     main(["pretrain", *TINY, "--max-steps", "1", "--out", str(out), "--no-progress"])
-    with pytest.raises(SystemExit, match="--resume"):
-        main(["pretrain", *TINY, "--max-steps", "1", "--out", str(out), "--no-progress"])
+    assert main(["pretrain", *TINY, "--max-steps", "1", "--out", str(out), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
 
 
 def test_pretrain_on_a_token_file(tmp_path, verdict_text):

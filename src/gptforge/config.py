@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from gptforge.errors import BadInputError
 
 # GPT-2's released sizes: (emb_dim, n_layers, n_heads). Every size shares the
 # vocabulary (50257 BPE tokens) and the context length (1024 positions).
@@ -58,16 +59,16 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         if self.emb_dim % self.n_heads:
-            raise ValueError(
+            raise BadInputError(
                 f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
             )
         if self.attn_impl not in ("sdpa", "math"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'math', not {self.attn_impl!r}")
+            raise BadInputError(f"attn_impl must be 'sdpa' or 'math', not {self.attn_impl!r}")
         if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), not {self.drop_rate}")
+            raise BadInputError(f"drop_rate must be in [0, 1), not {self.drop_rate}")
         for field in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             if getattr(self, field) <= 0:
-                raise ValueError(f"{field} must be positive, not {getattr(self, field)}")
+                raise BadInputError(f"{field} must be positive, not {getattr(self, field)}")
 
     @property
     def head_dim(self) -> int:
@@ -83,7 +84,7 @@ class GPTConfig:
         preset = canonical_preset(name)
         if preset is None:
             known = ", ".join(list(_PRESET_SHAPES) + list(PRESET_ALIASES))
-            raise ValueError(f"unknown model preset {name!r}; choose one of: {known}")
+            raise BadInputError(f"unknown model preset {name!r}; choose one of: {known}")
         emb_dim, n_layers, n_heads = _PRESET_SHAPES[preset]
         return cls(emb_dim=emb_dim, n_layers=n_layers, n_heads=n_heads).replace(**overrides)
 
@@ -92,7 +93,7 @@ class GPTConfig:
         names = {f.name for f in dataclasses.fields(self)}
         unknown = set(overrides) - names
         if unknown:
-            raise ValueError(f"unknown GPTConfig field(s): {', '.join(sorted(unknown))}")
+            raise BadInputError(f"unknown GPTConfig field(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,3 +110,9 @@ class GPTConfig:
     @classmethod
     def load(cls, path: str | Path) -> "GPTConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def book_config(preset: str = "gpt2-small", context_length: int = 256, **overrides) -> GPTConfig:
+    """The book's model settings: context 256, dropout 0.1, no QKV bias, untied output head."""
+    settings = dict(context_length=context_length, drop_rate=0.1, qkv_bias=False, tie_weights=False)
+    return GPTConfig.from_name(preset, **{**settings, **overrides})

@@ -7,6 +7,7 @@ token at every position.
 
 from __future__ import annotations
 
+import math
 import glob
 import json
 import os
@@ -15,15 +16,16 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gptforge.tokenizer import EOT_ID, get_tokenizer, text_to_ids
+from gptforge.errors import BadInputError, NotFoundError
 
 
 def _num_windows(n_tokens: int, max_length: int, stride: int) -> int:
     """Windows starting at 0, stride, 2*stride, ... that still have a target for every input."""
     if max_length <= 0 or stride <= 0:
-        raise ValueError(f"max_length and stride must be positive, got {max_length} and {stride}")
+        raise BadInputError(f"max_length and stride must be positive, got {max_length} and {stride}")
     return max(0, (n_tokens - max_length - 1) // stride + 1)
 
 
@@ -34,7 +36,7 @@ class _WindowDataset(Dataset):
         self.ids, self.max_length, self.stride = ids, max_length, stride
         self.n = _num_windows(len(ids), max_length, stride)
         if self.n == 0:
-            raise ValueError(
+            raise BadInputError(
                 f"{what} has {len(ids)} tokens, too few for one window of {max_length} input tokens "
                 f"plus 1 target: use more text or a smaller max_length / context length"
             )
@@ -58,7 +60,7 @@ class GPTDataset(_WindowDataset):
 
     def __init__(self, text: str, tokenizer=None, max_length: int = 256, stride: int = 128) -> None:
         if not text:
-            raise ValueError("the text is empty: give a text to make training windows from")
+            raise BadInputError("the text is empty: give a text to make training windows from")
         ids = np.asarray(text_to_ids(text, tokenizer), dtype=np.int64)
         super().__init__(ids, max_length, stride, "the text")
 
@@ -74,7 +76,7 @@ class TokenFileDataset(_WindowDataset):
                  start: float = 0.0, end: float = 1.0) -> None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"token file {path} not found: make one with `gptforge prepare`")
+            raise NotFoundError(f"token file {path} not found: make one with `gptforge prepare`")
         ids = np.memmap(path, dtype=np.uint16, mode="r")
         ids = ids[int(len(ids) * start):int(len(ids) * end)]
         super().__init__(ids, max_length, stride or max_length, f"token file {path}")
@@ -117,10 +119,10 @@ def expand_paths(patterns: Iterable[str | os.PathLike]) -> list[Path]:
         else:
             matches = sorted(Path(m) for m in glob.glob(str(pattern), recursive=True))
             if not matches:
-                raise FileNotFoundError(f"no file matches {str(pattern)!r}")
+                raise NotFoundError(f"no file matches {str(pattern)!r}")
             files.extend(m for m in matches if m.is_file())
     if not files:
-        raise FileNotFoundError("no input files given")
+        raise NotFoundError("no input files given")
     return files
 
 
@@ -177,3 +179,37 @@ def prepare_token_file(
     summary = {"tokens": n_tokens, "dtype": "uint16", "files": [str(p) for p in files]}
     Path(str(out) + ".json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Batches of dataset indices in an order fixed by (seed, epoch), startable mid-epoch.
+
+    Under distributed training every process computes the same global order and
+    takes its own slice of each global batch, so W processes with batch B/W see
+    exactly the batches one process with batch B would see.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise BadInputError(f"batch size {batch_size} must be divisible by the number of "
+                             f"processes ({world_size})")
+        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = self.batch_size // self.world_size
+        for b in range(self.start_batch, len(self)):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.world_size > 1:
+                batch = batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+            yield batch

@@ -32,6 +32,8 @@ from typing import Union
 
 from tqdm.auto import tqdm
 
+from gptforge.errors import BadInputError, DownloadError  # DownloadError is part of this API
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -56,10 +58,6 @@ _CHUNK_SIZE = 1 << 16
 # An interrupted transfer is resumed this many times from the same URL before moving on.
 _RESUME_RETRIES = 2
 _USER_AGENT = "gptforge (python urllib)"
-
-
-class DownloadError(RuntimeError):
-    """A file could not be fetched from any source; the message says what was tried and what to do."""
 
 
 class ChecksumError(DownloadError):
@@ -199,7 +197,7 @@ def gpt2_resources(size: str, fmt: str = "openai") -> list[Resource]:
     """
     size = _GPT2_SIZE_ALIASES.get(size, size)
     if size not in _GPT2_HF_NAMES:
-        raise ValueError(
+        raise BadInputError(
             f"Unknown GPT-2 size {size!r}; choose one of {', '.join(_GPT2_HF_NAMES)}."
         )
     if fmt == "openai":
@@ -226,7 +224,7 @@ def gpt2_resources(size: str, fmt: str = "openai") -> list[Resource]:
             )
             for file in _HF_FILES
         ]
-    raise ValueError(f"Unknown checkpoint format {fmt!r}; choose 'openai' or 'hf'.")
+    raise BadInputError(f"Unknown checkpoint format {fmt!r}; choose 'openai' or 'hf'.")
 
 
 def download_gpt2(
@@ -346,7 +344,7 @@ def extract_member(
     """
     res = _lookup(resource)
     if res.member is None:
-        raise ValueError(f"Resource {res.name!r} is not an archive with a member to extract.")
+        raise BadInputError(f"Resource {res.name!r} is not an archive with a member to extract.")
     # Only the member's base name is used, so a crafted archive cannot write outside the cache.
     out = _cache_path(res, cache_dir).parent / Path(res.member).name
     if out.is_file() and (res.member_sha256 is None or file_sha256(out) == res.member_sha256):
@@ -403,7 +401,7 @@ def _lookup(resource: Resource | str) -> Resource:
     try:
         return RESOURCES[resource]
     except KeyError:
-        raise ValueError(
+        raise BadInputError(
             f"Unknown resource {resource!r}; known resources: {', '.join(sorted(RESOURCES))}. "
             "For GPT-2 checkpoints use gpt2_resources() or download_gpt2()."
         ) from None

@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
-from gptforge.config import GPTConfig, canonical_preset
+from gptforge.config import GPTConfig
+from gptforge.loader import read_run
 from gptforge.model import GPTModel
 
 
 def config_of(source: str) -> GPTConfig:
-    """Read a model's config from a preset name or a checkpoint (gptforge, Hugging Face or OpenAI)."""
-    if canonical_preset(source) and not Path(source).exists():
-        return GPTConfig.from_name(source)
-    from gptforge.checkpoint import read_meta
-    from gptforge.pretrained.hf import CONFIG_NAME, config_from_hf
-    from gptforge.pretrained.loader import detect_format
-    from gptforge.pretrained.openai import HPARAMS_NAME, config_from_hparams
-
-    path = Path(source)
-    kind = detect_format(path)  # raises, listing what it looked for, if it is none of them
-    folder = path if path.is_dir() else path.parent
-    if kind == "gptforge":
-        return GPTConfig.from_dict(read_meta(folder)["model"])
-    if kind == "openai":
-        return config_from_hparams(json.loads((folder / HPARAMS_NAME).read_text()))
-    return config_from_hf(json.loads((folder / CONFIG_NAME).read_text()))
+    """A model's config from a preset name or any checkpoint, without reading its weights."""
+    return read_run(source).model
 
 
 def _gib(n_bytes: float) -> str:

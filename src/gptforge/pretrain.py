@@ -7,28 +7,22 @@ bias, untied head, dropout 0.1) trained from scratch on "The Verdict" for 10 epo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gptforge.checkpoint import is_gptforge_dir, load_model, save_model
-from gptforge.config import GPTConfig, canonical_preset
+from gptforge.checkpoint import RunMeta
+from gptforge.config import book_config, canonical_preset
 from gptforge.data import GPTDataset, TokenFileDataset, read_texts
 from gptforge.model import GPTModel
-from gptforge.training import Trainer, TrainConfig, TrainResult
+from gptforge.loader import load
+from gptforge.training import Callback, Trainer, TrainConfig, TrainResult, lm_loss
+from gptforge.errors import BadInputError
 
 SAMPLE_PROMPT = "Every effort moves you"
-
-
-def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of next-token predictions; target -100 marks ignored positions."""
-    inputs, targets = batch
-    logits = model(inputs)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 @dataclass
@@ -41,12 +35,6 @@ class PretrainData:
     stride: int | None = None  # None = the context length (windows do not overlap)
 
 
-def book_config(preset: str = "gpt2-small", context_length: int = 256, **overrides) -> GPTConfig:
-    """The book's model settings: context 256, dropout 0.1, no QKV bias, untied output head."""
-    settings = dict(context_length=context_length, drop_rate=0.1, qkv_bias=False, tie_weights=False)
-    return GPTConfig.from_name(preset, **{**settings, **overrides})
-
-
 def build_or_load_model(model: str, context_length: int | None = None,
                         drop_rate: float | None = None, **shape: int) -> GPTModel:
     """A preset name gives a fresh model with the book's settings (`shape` may change
@@ -57,14 +45,9 @@ def build_or_load_model(model: str, context_length: int | None = None,
         # PyTorch's default init, as the book's model: with GPT-2's smaller init the
         # short Verdict run learns markedly slower.
         return GPTModel(book_config(model, context_length or 256, **overrides), init="torch")
-    if is_gptforge_dir(model):
-        loaded = load_model(model)
-    else:
-        from gptforge.pretrained import load_pretrained
-
-        loaded = load_pretrained(model)
+    loaded = load(model, for_training=True)
     if shape:
-        raise ValueError("--n-layers/--emb-dim/--n-heads shape a new model; they cannot change "
+        raise BadInputError("--n-layers/--emb-dim/--n-heads shape a new model; they cannot change "
                          f"the loaded model {model}")
     if drop_rate is not None:
         set_dropout(loaded, drop_rate)
@@ -109,18 +92,21 @@ def pretrain(
     cfg: TrainConfig,
     out_dir: str | os.PathLike,
     resume: bool = False,
-    on_eval: Callable[[dict], None] | None = None,
-    on_epoch_end: Callable[[GPTModel, int], None] | None = None,
+    callbacks: Mapping[str, Callback] | None = None,
     progress: bool = False,
-    meta: dict | None = None,
+    base_model: str | None = None,
 ) -> TrainResult:
-    """Train `model` on `data`, writing checkpoints, metrics and loss.png to `out_dir`."""
+    """Train `model` on `data`, writing checkpoints, metrics and loss.png to `out_dir`.
+
+    `callbacks` maps trainer events ("on_eval", "on_epoch_end") to functions of the
+    trainer. `base_model` records where the weights started (a preset for a fresh
+    model, or the checkpoint that training continues).
+    """
     train, val = load_datasets(data, model.cfg.context_length)
-    trainer = Trainer(
-        model, train, val, lm_loss, cfg, out_dir, save_model=save_model,
-        on_eval=on_eval, progress=progress, meta={"task": "lm", **(meta or {})},
-        on_epoch_end=(lambda epoch: on_epoch_end(model, epoch)) if on_epoch_end else None,
-    )
+    meta = RunMeta(model=model.cfg, task="lm", data=asdict(data), base_model=base_model)
+    trainer = Trainer(model, train, val, lm_loss, cfg, out_dir, meta, progress=progress)
+    for event, fn in (callbacks or {}).items():
+        trainer.add_callback(event, fn)
     if resume:
         trainer.resume(out_dir)
     return trainer.fit()

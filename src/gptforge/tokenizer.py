@@ -18,6 +18,8 @@ from pathlib import Path
 
 import tiktoken
 
+from gptforge.errors import GptforgeError
+
 ENCODER_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 VOCAB_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENDOFTEXT = "<|endoftext|>"
@@ -36,7 +38,7 @@ _TIKTOKEN_URLS = {
 }
 
 
-class TokenizerFilesError(RuntimeError):
+class TokenizerFilesError(GptforgeError, RuntimeError):
     """The GPT-2 BPE files could not be found or failed their checksum."""
 
 

@@ -2,39 +2,54 @@
 
 Tasks differ only by their datasets, collate function, loss and metrics; the loop
 does the rest: batching with a resumable (and, under torchrun, sharded) sampler,
-AdamW, LR warmup + cosine decay, gradient accumulation and clipping, bf16 autocast
-where the device supports it, torch.compile, periodic evaluation, metrics, plots,
-checkpoints (last N and best), exact resume, and a clean save on Ctrl-C.
+AdamW, LR warmup + cosine decay, gradient accumulation and clipping, autocast,
+torch.compile, periodic evaluation, metrics, plots, checkpoints and exact resume,
+and a clean save on Ctrl-C. Where it computes is `runtime`'s business; how a run
+is kept on disk, `train_state`'s.
+
+Callbacks receive the trainer, as minGPT's do: `trainer.add_callback("on_eval", fn)`
+calls `fn(trainer)` after each evaluation (the record is `trainer.history[-1]`),
+and "on_epoch_end" after each epoch (`trainer.epoch` epochs are done).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
 import os
-import random
 import time
+from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gptforge.checkpoint import atomic_torch_save, atomic_write_bytes
+from gptforge import runtime, train_state
+from gptforge.checkpoint import RunMeta
+from gptforge.data import ResumableBatchSampler
+from gptforge.errors import BadInputError
+from gptforge.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 # A metric returns (sum, count) over a batch, so batches of any size combine exactly.
 MetricFn = Callable[[nn.Module, Any], tuple[float, int]]
-STATE_NAME = "training_state.pt"
-METRICS_NAME = "metrics.jsonl"
+Callback = Callable[["Trainer"], None]
+EVENTS = ("on_eval", "on_epoch_end")
+
+
+def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of next-token predictions; target -100 marks ignored positions."""
+    inputs, targets = batch
+    logits = model(inputs)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 @dataclass
@@ -64,82 +79,6 @@ class TrainConfig:
     stop_after: int | None = None  # pause (save and return) after this step, to resume later
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """"auto" picks CUDA, then Apple's MPS, then the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`, or None for plain float32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision != "auto":
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', not {precision!r}")
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def tune_malloc() -> None:
-    """Keep glibc from handing big freed blocks back to the OS after every step.
-
-    Training allocates and frees the same large tensors (logits, the embedding
-    gradient) every step. By default glibc serves each one with a fresh mmap, so
-    every step page-faults hundreds of megabytes in again (zeroing a 154 MB
-    gradient took 90-400 ms instead of 8). Serving all blocks from the heap and
-    never trimming it lets each step reuse the memory of the step before.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: nothing to tune
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0)  # no mmap'ed blocks: everything from the heap
-    libc.mallopt(m_trim_threshold, 1 << 31)
-
-
-class ResumableBatchSampler(Sampler[list[int]]):
-    """Batches of dataset indices in an order fixed by (seed, epoch), startable mid-epoch.
-
-    Under distributed training every process computes the same global order and
-    takes its own slice of each global batch, so W processes with batch B/W see
-    exactly the batches one process with batch B would see.
-    """
-
-    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
-        if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} must be divisible by the number of "
-                             f"processes ({world_size})")
-        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.start_batch = 0, 0
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        per_rank = self.batch_size // self.world_size
-        for b in range(self.start_batch, len(self)):
-            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            if self.world_size > 1:
-                batch = batch[self.rank * per_rank:(self.rank + 1) * per_rank]
-            yield batch
-
-
 @dataclass
 class TrainResult:
     step: int
@@ -151,9 +90,10 @@ class TrainResult:
 class Trainer:
     """Train `model` on `train_data` with `loss_fn`, evaluating on `val_data`.
 
-    `save_model(model, directory, **meta)` writes the model files of a checkpoint
-    (the task decides the format: a full model, a classifier, LoRA adapters).
-    Callbacks: `on_eval(record)` after each evaluation and `on_epoch_end(epoch)`.
+    Checkpoints go to `out_dir` with `meta` (the task's RunMeta: what the run is,
+    where its weights started); a model with LoRA adapters is saved as adapters
+    only. `metrics` are evaluated with the loss; see the module docstring for
+    callbacks.
     """
 
     def __init__(
@@ -164,38 +104,33 @@ class Trainer:
         loss_fn: LossFn,
         cfg: TrainConfig,
         out_dir: str | os.PathLike,
-        save_model: Callable[..., Any],
+        meta: RunMeta,
         collate_fn: Callable | None = None,
         metrics: dict[str, MetricFn] | None = None,
-        on_eval: Callable[[dict], None] | None = None,
-        on_epoch_end: Callable[[int], None] | None = None,
         progress: bool = False,
-        meta: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.loss_fn, self.metrics = cfg, loss_fn, metrics or {}
-        self.out_dir = Path(out_dir)
-        self.save_model_fn, self.meta = save_model, meta or {}
-        self.on_eval, self.on_epoch_end, self.progress = on_eval, on_epoch_end, progress
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.device = pick_device(cfg.device)
-        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.out_dir, self.meta, self.progress = Path(out_dir), meta, progress
+        self.callbacks: dict[str, list[Callback]] = defaultdict(list)
+        self.rank, self.world_size = runtime.process_rank()
+        self.device = runtime.pick_device(cfg.device)
+        self.amp_dtype = runtime.autocast_dtype(cfg.precision, self.device)
         if self.device.type == "cpu":
-            tune_malloc()
+            runtime.tune_malloc()
         self.model = model.to(self.device)
-        self.ddp = self._setup_distributed()
+        self.ddp = runtime.wrap_distributed(self.model, self.device)
         self.train_model = self.ddp or self.model
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
         if len(train_data) == 0:
-            raise ValueError("the training set is empty")
+            raise BadInputError("the training set is empty")
         self.collate_fn = collate_fn
         self.train_sampler = ResumableBatchSampler(len(train_data), cfg.batch_size, True, True,
                                                    cfg.seed, self.rank, self.world_size)
         if len(self.train_sampler) == 0:
-            raise ValueError(f"the training set has {len(train_data)} examples, fewer than one batch "
-                             f"of {cfg.batch_size}: lower --batch-size or add data")
+            raise BadInputError(f"the training set has {len(train_data)} examples, fewer than one "
+                                f"batch of {cfg.batch_size}: lower --batch-size or add data")
         self.train_loader = self._loader(train_data, self.train_sampler)
         self.train_eval_loader = self._loader(train_data, self._eval_sampler(train_data))
         self.val_loader = self._loader(val_data, self._eval_sampler(val_data)) if val_data else None
@@ -203,7 +138,7 @@ class Trainer:
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
         if not decay and not no_decay:
-            raise ValueError("the model has no trainable parameters")
+            raise BadInputError("the model has no trainable parameters")
         # Weight decay applies to matrices only, not to biases and LayerNorm gains.
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay},
@@ -212,27 +147,25 @@ class Trainer:
         )
         self.steps_per_epoch = len(self.train_sampler) // cfg.grad_accum
         if self.steps_per_epoch == 0:
-            raise ValueError("grad_accum is larger than the number of batches in one epoch")
-        self.tokens_per_step = None  # learned from the first batch
+            raise BadInputError("grad_accum is larger than the number of batches in one epoch")
         self.total_steps = self._total_steps(train_data)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step, self.epoch, self.batch_in_epoch, self.tokens_seen = 0, 0, 0, 0
         self.best_val = math.inf
         self.history: list[dict] = []
 
+    def add_callback(self, event: str, fn: Callback) -> None:
+        """Call `fn(trainer)` on `event` ("on_eval" or "on_epoch_end"), on rank 0 only."""
+        if event not in EVENTS:
+            raise BadInputError(f"unknown trainer event {event!r}; choose one of {', '.join(EVENTS)}")
+        self.callbacks[event].append(fn)
+
+    def _trigger(self, event: str) -> None:
+        if self.rank == 0:
+            for fn in self.callbacks[event]:
+                fn(self)
+
     # -- setup -----------------------------------------------------------------------
-    def _setup_distributed(self) -> nn.Module | None:
-        if self.world_size == 1:
-            return None
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-
     def _eval_sampler(self, data: Dataset | None) -> ResumableBatchSampler | None:
         if data is None or len(data) == 0:
             return None
@@ -280,11 +213,6 @@ class Trainer:
             return {k: self._to_device(v) for k, v in batch.items()}
         return batch
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     @staticmethod
     def _count_tokens(batch: Any) -> int:
         first = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -298,7 +226,7 @@ class Trainer:
             last = i == len(micro_batches) - 1
             sync = self.ddp.no_sync() if (self.ddp is not None and not last) else nullcontext()
             with sync:
-                with self._autocast():
+                with runtime.autocast(self.device, self.amp_dtype):
                     loss = self.loss_fn(self.train_model, batch) / len(micro_batches)
                 loss.backward()
             total += loss.detach().float()
@@ -322,17 +250,14 @@ class Trainer:
             if max_batches is not None and b >= max_batches:
                 break
             batch = self._to_device(batch)
-            with self._autocast():
+            with runtime.autocast(self.device, self.amp_dtype):
                 sums[0] += float(self.loss_fn(self.model, batch))
             sums[1] += 1
             for j, fn in enumerate(self.metrics.values()):
                 value, count = fn(self.model, batch)
                 sums[2 + 2 * j] += value
                 sums[3 + 2 * j] += count
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(sums)
+        runtime.all_reduce_sum(sums)
         out = {"loss": float(sums[0] / max(sums[1], 1))}
         for j, name in enumerate(self.metrics):
             out[name] = float(sums[2 + 2 * j] / max(sums[3 + 2 * j], 1))
@@ -342,11 +267,7 @@ class Trainer:
         n = self.cfg.eval_batches
         train, val = self.evaluate(self.train_eval_loader, n), self.evaluate(self.val_loader, n)
         loss = torch.tensor(sum(recent_losses) / max(1, len(recent_losses)), dtype=torch.float64)
-        if self.world_size > 1:  # each process saw its share of the batch: average them
-            import torch.distributed as dist
-
-            dist.all_reduce(loss)
-            loss /= self.world_size
+        loss = runtime.all_reduce_sum(loss) / self.world_size  # each process saw its share
         record = {"step": self.step, "epoch": self.epoch + 1, "tokens_seen": self.tokens_seen,
                   "loss": float(loss),
                   "train_loss": train.get("loss"), "val_loss": val.get("loss"),
@@ -355,29 +276,21 @@ class Trainer:
             record[f"train_{name}"], record[f"val_{name}"] = train.get(name), val.get(name)
         self.history.append(record)
         if self.rank == 0:
-            with open(self.out_dir / METRICS_NAME, "a") as f:
+            with open(self.out_dir / train_state.METRICS_NAME, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if self.on_eval:
-                self.on_eval(record)
+        self._trigger("on_eval")
         return record
 
     # -- checkpoints -----------------------------------------------------------------
-    def _rng_state(self) -> dict[str, Any]:
-        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                 "numpy": np.random.get_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+    def state_dict(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything besides the weights that an exact resume needs."""
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "tokens_seen": self.tokens_seen, "best_val": self.best_val,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng or train_state.capture_rng(), "history": self.history,
+                "config": asdict(self.cfg)}
 
-    @staticmethod
-    def _set_rng_state(state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["torch"])
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-    def save_checkpoint(self, rng_state: dict[str, Any] | None = None, periodic: bool = False) -> None:
+    def save_checkpoint(self, rng: dict[str, Any] | None = None, periodic: bool = False) -> None:
         """Write the model and the full training state to the run directory (rank 0 only).
 
         A periodic checkpoint also keeps a copy under checkpoints/step-N (the last
@@ -385,51 +298,28 @@ class Trainer:
         """
         if self.rank != 0:
             return
-        meta = {**self.meta, "step": self.step}
-        self.save_model_fn(self.model, self.out_dir, **meta)
-        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "tokens_seen": self.tokens_seen, "best_val": self.best_val,
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": rng_state or self._rng_state(), "history": self.history,
-                 "config": asdict(self.cfg)}
-        atomic_torch_save(state, self.out_dir / STATE_NAME)
-        if not periodic:
-            return
-        if self.cfg.keep_last > 0:
-            self.save_model_fn(self.model, self.out_dir / "checkpoints" / f"step-{self.step:07d}", **meta)
-            for old in sorted((self.out_dir / "checkpoints").glob("step-*"))[:-self.cfg.keep_last]:
-                _remove_tree(old)
-        val = self.history[-1].get("val_loss") if self.history else None
+        val = self.history[-1].get("val_loss") if (periodic and self.history) else None
         if val is not None and val < self.best_val:
             self.best_val = val
-            self.save_model_fn(self.model, self.out_dir / "best", **meta, val_loss=val)
+            train_state.save_best(self.out_dir, self.model, self.meta, self.step, val)
+        train_state.save_checkpoint(self.out_dir, self.model, self.meta, self.state_dict(rng))
+        if periodic:
+            train_state.keep_copy(self.out_dir, self.model, self.meta, self.step, self.cfg.keep_last)
 
     def resume(self, run_dir: str | os.PathLike | None = None) -> None:
         """Restore optimizer, schedule, RNG and data position saved in `run_dir`.
 
-        The model weights must already be the run's (the task loads them from the
-        same directory); this restores everything else, so training continues as
-        if it had never stopped.
+        The model weights must already be the run's (`gptforge.load(run_dir,
+        for_training=True)`); this restores everything else, so training continues
+        as if it had never stopped.
         """
-        path = Path(run_dir or self.out_dir) / STATE_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path.parent} holds no training state ({STATE_NAME}) to resume from")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        saved_step = self.meta_step(path.parent)
-        if saved_step is not None and saved_step != state["step"]:
-            raise RuntimeError(f"{path.parent}: the weights are from step {saved_step} but the "
-                               f"training state from step {state['step']}; the last save was cut off")
+        state = train_state.load_training_state(run_dir or self.out_dir)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.tokens_seen = state["batch_in_epoch"], state["tokens_seen"]
         self.best_val, self.history = state["best_val"], state["history"]
-        self._set_rng_state(state["rng"])
-
-    @staticmethod
-    def meta_step(run_dir: Path) -> int | None:
-        meta = run_dir / "gptforge.json"
-        return json.loads(meta.read_text()).get("step") if meta.is_file() else None
+        train_state.restore_rng(state["rng"])
 
     # -- the loop --------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -437,8 +327,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg
         if self.rank == 0:
-            atomic_write_bytes(self.out_dir / "train_config.json",
-                               (json.dumps(asdict(cfg), indent=2) + "\n").encode())
+            atomic_write_json(self.out_dir / train_state.TRAIN_CONFIG_NAME, asdict(cfg))
         bar = None
         if self.progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -446,7 +335,7 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         recent: list[float] = []
         t_last, tokens_last = time.perf_counter(), self.tokens_seen
-        rng_at_step_start = self._rng_state()
+        rng_at_step_start = train_state.capture_rng()
         interrupted = False
         try:
             while self.step < self.total_steps:
@@ -457,7 +346,7 @@ class Trainer:
                     micro.append(batch)
                     if len(micro) < cfg.grad_accum:
                         continue
-                    rng_at_step_start = self._rng_state()
+                    rng_at_step_start = train_state.capture_rng()
                     recent.append(self._train_step(micro))
                     micro = []
                     self.step += 1
@@ -477,8 +366,7 @@ class Trainer:
                 if self.batch_in_epoch + cfg.grad_accum > len(self.train_sampler):
                     # The epoch ran out of batches (a partial accumulation is dropped).
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    if self.on_epoch_end and self.rank == 0:
-                        self.on_epoch_end(self.epoch)
+                    self._trigger("on_epoch_end")
                 if self.step == cfg.stop_after and self.step < self.total_steps:
                     interrupted = True
                     break
@@ -494,19 +382,8 @@ class Trainer:
         self.save_checkpoint()
         if self.rank == 0:
             self.plot()
-        self._finish_distributed()
+        runtime.finish_distributed()
         return TrainResult(self.step, self.tokens_seen, self.history, interrupted)
-
-    def _finish_distributed(self) -> None:
-        """Wait for every process, then shut the process group down cleanly (exiting with
-        gloo's threads still running aborts the process)."""
-        if self.world_size == 1:
-            return
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
 
     def plot(self) -> Path | None:
         """Write loss.png (and one PNG per metric) from the history; needs matplotlib."""
@@ -515,9 +392,3 @@ class Trainer:
         from gptforge.plotting import plot_history
 
         return plot_history(self.history, self.out_dir, list(self.metrics))
-
-
-def _remove_tree(path: Path) -> None:
-    for child in sorted(path.rglob("*"), reverse=True):
-        child.rmdir() if child.is_dir() else child.unlink()
-    path.rmdir()

@@ -13,40 +13,32 @@ the SMS Spam Collection gets ham = 0 and spam = 1, as in the book.
 
 from __future__ import annotations
 
-import copy
 import csv
-import json
 import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from gptforge.checkpoint import (
-    atomic_save_safetensors,
-    atomic_write_bytes,
-    is_gptforge_dir,
-    load_model,
-    read_meta,
-    save_model,
-)
-from gptforge.finetune.lora import LoRALinear, apply_lora, has_lora, lora_state_dict, merge_lora
+from gptforge.checkpoint import ClassifierSettings, RunMeta, is_gptforge_dir
+from gptforge.fileio import atomic_write, atomic_write_json
+from gptforge.finetune.lora import LoRALinear, apply_lora
+from gptforge.loader import load, read_run
 from gptforge.model import GPTModel
 from gptforge.tokenizer import EOT_ID, get_tokenizer
-from gptforge.training import Trainer, TrainConfig, TrainResult
+from gptforge.training import Callback, Trainer, TrainConfig, TrainResult
+from gptforge.errors import BadInputError
 
 TASK = "classifier"
 POOLINGS = ("last-token", "last", "mean")
 TRAINABLE = ("last-block", "all", "head", "lora")
 SPLIT_FILES = {"train": "train.csv", "val": "validation.csv", "test": "test.csv"}
-ADAPTERS_NAME = "adapters.safetensors"
 METRICS_NAME = "test_metrics.json"
 
 Example = tuple[str, str]  # (text, label name)
@@ -78,7 +70,7 @@ def require_columns(path: str | os.PathLike, columns: Sequence[str], wanted: Seq
     for name in wanted:
         if name not in columns:
             found = ", ".join(repr(c) for c in columns) or "none"
-            raise ValueError(f"{path} has no column {name!r} (columns found: {found}); {hint}")
+            raise BadInputError(f"{path} has no column {name!r} (columns found: {found}); {hint}")
 
 
 def read_examples(path: str | os.PathLike, text_column: str = "Text",
@@ -87,28 +79,25 @@ def read_examples(path: str | os.PathLike, text_column: str = "Text",
     columns, rows = read_table(path)
     require_columns(path, columns, [text_column, label_column])
     if not rows:
-        raise ValueError(f"{path} has a header but no rows")
+        raise BadInputError(f"{path} has a header but no rows")
     examples = []
     for n, row in enumerate(rows, start=1):
         text, label = row.get(text_column) or "", (row.get(label_column) or "").strip()
         if not text.strip():
-            raise ValueError(f"{path}: row {n} has an empty text in column {text_column!r}; "
+            raise BadInputError(f"{path}: row {n} has an empty text in column {text_column!r}; "
                              f"fill it in or remove the row")
         if not label:
-            raise ValueError(f"{path}: row {n} has an empty label in column {label_column!r}")
+            raise BadInputError(f"{path}: row {n} has an empty label in column {label_column!r}")
         examples.append((text, label))
     return examples
 
 
 def write_examples(path: str | os.PathLike, examples: Sequence[Example]) -> None:
     """Write (text, label) pairs as a CSV with the book's columns, Label and Text."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["Label", "Text"])
         writer.writerows((label, text) for text, label in examples)
-    os.replace(tmp, path)
 
 
 def label_names(labels: Iterable[str]) -> list[str]:
@@ -133,7 +122,7 @@ class TextSplits:
         names = label_names(label for _, label in self.train)
         if len(names) < 2:
             only = repr(names[0]) if names else "none"
-            raise ValueError(f"the training data has only one class ({only}); a classifier needs "
+            raise BadInputError(f"the training data has only one class ({only}); a classifier needs "
                              f"examples of at least two labels")
         return names
 
@@ -169,7 +158,7 @@ def shuffle_split(examples: Sequence[Example], train_frac: float = 0.7, val_frac
     then the first `train_frac` for training, the next `val_frac` for validation, the
     rest for testing (sizes rounded down, so the test split gets the remainder)."""
     if not 0 < train_frac <= 1 or not 0 <= val_frac or train_frac + val_frac > 1:
-        raise ValueError(f"fractions must satisfy 0 < train ({train_frac}) and train + val "
+        raise BadInputError(f"fractions must satisfy 0 < train ({train_frac}) and train + val "
                          f"({train_frac + val_frac}) <= 1")
     shuffled = [examples[i] for i in pandas_sample(len(examples), len(examples), seed)]
     train_end = int(len(shuffled) * train_frac)
@@ -197,7 +186,7 @@ def read_sms_spam(path: str | os.PathLike | None = None, book_quoting: bool = Fa
             rows = [line.rstrip("\r\n").split("\t", 1) for line in f if line.strip()]
     bad = next((n for n, row in enumerate(rows, 1) if len(row) != 2), None)
     if bad is not None:
-        raise ValueError(f"{path}: line {bad} is not 'label<TAB>text'")
+        raise BadInputError(f"{path}: line {bad} is not 'label<TAB>text'")
     return [(text, label) for label, text in rows]
 
 
@@ -208,7 +197,7 @@ def balance_classes(examples: Sequence[Example], majority: str = "ham", seed: in
     many = [e for e in examples if e[1] == majority]
     rest = [e for e in examples if e[1] != majority]
     if len(rest) > len(many):
-        raise ValueError(f"{majority!r} has {len(many)} examples, fewer than the {len(rest)} others")
+        raise BadInputError(f"{majority!r} has {len(many)} examples, fewer than the {len(rest)} others")
     return [many[i] for i in pandas_sample(len(many), len(rest), seed)] + rest
 
 
@@ -233,20 +222,20 @@ class ClassificationDataset(Dataset):
         index = {name: i for i, name in enumerate(labels)}
         unknown = label_names({label for _, label in examples} - set(index))
         if unknown:
-            raise ValueError(f"{what} has label(s) {', '.join(map(repr, unknown))} that the training "
+            raise BadInputError(f"{what} has label(s) {', '.join(map(repr, unknown))} that the training "
                              f"data does not have (labels: {', '.join(map(repr, labels))})")
         tokenizer = tokenizer or get_tokenizer()
         # "Ordinary" encoding: a literal "<|endoftext|>" in a message is just text.
         encoded = tokenizer.encode_ordinary_batch([text for text, _ in examples])
         empty = next((n for n, ids in enumerate(encoded, 1) if not ids), None)
         if empty is not None:
-            raise ValueError(f"{what}: example {empty} has an empty text")
+            raise BadInputError(f"{what}: example {empty} has an empty text")
         if max_length is None:
             max_length = max(map(len, encoded), default=1)
             if context_length:
                 max_length = min(max_length, context_length)
         elif max_length < 1 or (context_length and max_length > context_length):
-            raise ValueError(f"max_length must be between 1 and the model's context length "
+            raise BadInputError(f"max_length must be between 1 and the model's context length "
                              f"({context_length}), not {max_length}")
         self.max_length = max_length
         self.ids = [torch.tensor(ids[:max_length], dtype=torch.long) for ids in encoded]
@@ -288,7 +277,7 @@ def make_collate(pooling: str, max_length: int) -> Callable:
 def check_pooling(pooling: str) -> None:
     """Raise a ValueError unless `pooling` is one of POOLINGS."""
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        raise BadInputError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
 
 
 def replace_head(model: GPTModel, num_classes: int) -> GPTModel:
@@ -298,7 +287,7 @@ def replace_head(model: GPTModel, num_classes: int) -> GPTModel:
     untied) and returns it.
     """
     if num_classes < 2:
-        raise ValueError(f"a classifier needs at least two classes, not {num_classes}")
+        raise BadInputError(f"a classifier needs at least two classes, not {num_classes}")
     weight = model.out_head.weight
     model.out_head = nn.Linear(model.cfg.emb_dim, num_classes, device=weight.device, dtype=weight.dtype)
     return model
@@ -313,7 +302,7 @@ def set_trainable(model: GPTModel, mode: str = "last-block", lora_rank: int = 16
     every linear layer plus the whole head (see `gptforge.finetune.lora`).
     """
     if mode not in TRAINABLE:
-        raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, not {mode!r}")
+        raise BadInputError(f"trainable must be one of {', '.join(TRAINABLE)}, not {mode!r}")
     if mode == "lora":
         return apply_lora(model, lora_rank, lora_alpha, train_also=[model.out_head])
     for p in model.parameters():
@@ -380,71 +369,40 @@ class Accuracy:
         return float((predicted == labels).sum()), len(labels)
 
 
-def trainable_settings(model: GPTModel) -> dict[str, Any]:
-    """Which `set_trainable` mode the model is in, as saved with a classifier (so that
-    training can continue with the same parameters trainable)."""
-    lora = next((m for m in model.modules() if isinstance(m, LoRALinear)), None)
-    if lora is not None:
-        return {"trainable": "lora", "lora_rank": lora.rank, "lora_alpha": lora.alpha}
+def trainable_mode(model: GPTModel) -> str:
+    """Which `set_trainable` mode the model is in, saved with a classifier so that training
+    can continue with the same parameters trainable."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        return "lora"
     if all(p.requires_grad for p in model.parameters()):
-        return {"trainable": "all"}
+        return "all"
     head = {id(p) for p in model.out_head.parameters()}
     others = [p for p in model.parameters() if id(p) not in head]
-    return {"trainable": "head" if not any(p.requires_grad for p in others) else "last-block"}
+    return "head" if not any(p.requires_grad for p in others) else "last-block"
 
 
 # ------------------------------------------------------------------------------------
-# Checkpoints
+# Runs on disk
 
-def save_classifier(model: GPTModel, out_dir: str | os.PathLike, **meta: Any) -> Path:
-    """Save a classifier as a plain gptforge model directory (plus `meta`).
-
-    A LoRA model is saved with its adapters merged into the weights, so any command
-    loads it like every other model; the adapters (and the head) also go to
-    adapters.safetensors, from which `load_for_training` restores the unmerged model.
-    """
-    out = Path(out_dir)
-    if has_lora(model):
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(lora_state_dict(model), out / ADAPTERS_NAME,
-                                metadata={"step": str(meta.get("step"))})
-        model = merge_lora(copy.deepcopy(model))
-    return save_model(model, out, **meta)
-
-
-def read_classifier_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The gptforge.json of a classifier directory; a ValueError for anything else."""
+def read_classifier_meta(path: str | os.PathLike) -> RunMeta:
+    """The RunMeta of a classifier directory; BadInputError for anything else."""
     if not is_gptforge_dir(path):
-        raise ValueError(f"{path} is not a classifier directory (no gptforge.json); give the run "
-                         f"directory that `gptforge finetune classify` wrote")
-    meta = read_meta(path)
-    if meta.get("task") != TASK or "labels" not in meta:
-        raise ValueError(f"{path} holds a model for task {meta.get('task', 'unknown')!r}, not a "
-                         f"classifier; train one with `gptforge finetune classify`")
+        raise BadInputError(f"{path} is not a classifier directory (no gptforge.json); give the run "
+                            f"directory that `gptforge finetune classify` wrote")
+    meta = read_run(path)
+    if meta.task != TASK or meta.classifier is None:
+        raise BadInputError(f"{path} holds a model for task {meta.task!r}, not a classifier; "
+                            f"train one with `gptforge finetune classify`")
     return meta
 
 
 def load_for_training(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> GPTModel:
     """Load a classifier run's model with the same parameters trainable as when it was saved
-    (LoRA adapters unmerged again), to continue training it."""
+    (a LoRA run's adapters and head trainable, its base frozen), to continue training it."""
     meta = read_classifier_meta(run_dir)
-    model = load_model(run_dir, device)
-    mode = meta.get("trainable", "last-block")
-    if mode != "lora":
-        return set_trainable(model, mode)
-    rank, alpha = meta["lora_rank"], meta["lora_alpha"]
-    apply_lora(model, rank, alpha, train_also=[model.out_head])
-    path = Path(run_dir) / ADAPTERS_NAME
-    saved = load_file(str(path), device=str(device))
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, LoRALinear):
-                a, b = saved[f"{name}.A"], saved[f"{name}.B"]
-                module.A.copy_(a)
-                module.B.copy_(b)
-                # The saved weight is W + alpha * (A B)^T; take the update out again.
-                module.base.weight.sub_((alpha * (a @ b)).T.to(module.base.weight.dtype))
-    return model
+    model = load(run_dir, device=device, for_training=True)
+    mode = meta.classifier.trainable
+    return model if mode == "lora" else set_trainable(model, mode)
 
 
 # ------------------------------------------------------------------------------------
@@ -547,18 +505,19 @@ def train_classifier(
     pooling: str = "last-token",
     max_length: int | None = None,
     resume: bool = False,
-    on_eval: Callable[[dict], None] | None = None,
-    on_epoch_end: Callable[[int, dict], None] | None = None,
+    callbacks: Mapping[str, Callback] | None = None,
     progress: bool = False,
-    meta: dict[str, Any] | None = None,
+    base_model: str | None = None,
+    data_name: str | None = None,
 ) -> ClassifierRun:
     """Fine-tune a model prepared by `prepare_classifier` on `splits`, in `out_dir`.
 
     Writes the splits as CSV files, metrics.jsonl, loss.png and accuracy.png, the
-    classifier (weights, config, label names, pooling, max_length) and, at the end,
-    the test report to test_metrics.json. `resume=True` continues the run saved in
-    `out_dir` (the model must be its `load_for_training`). `on_epoch_end(epoch,
-    accuracies)` gets the train and validation accuracy on `cfg.eval_batches` batches.
+    classifier (weights or LoRA adapters + head, config, label names, pooling,
+    max_length) and, at the end, the test report to test_metrics.json.
+    `resume=True` continues the run saved in `out_dir` (the model must be its
+    `load_for_training`). `callbacks` maps trainer events to functions of the
+    trainer; `base_model` names the model the classifier starts from.
     """
     labels = list(labels) if labels is not None else splits.label_names()
     context = model.cfg.context_length
@@ -571,21 +530,15 @@ def train_classifier(
     out = Path(out_dir)
     if not resume:
         splits.save(out)
-    full_meta = {"task": TASK, "labels": labels, "pooling": pooling, "max_length": length,
-                 "pad_id": EOT_ID, **trainable_settings(model), **(meta or {})}
-
-    trainer: Trainer | None = None
-
-    def epoch_end(epoch: int) -> None:
-        n = cfg.eval_batches
-        accuracies = {"train_accuracy": trainer.evaluate(trainer.train_eval_loader, n).get("accuracy"),
-                      "val_accuracy": trainer.evaluate(trainer.val_loader, n).get("accuracy")}
-        on_epoch_end(epoch, accuracies)
-
-    trainer = Trainer(model, train, val, ClassificationLoss(pooling), cfg, out, save_classifier,
+    settings = ClassifierSettings(labels=labels, pooling=pooling, max_length=length, pad_id=EOT_ID,
+                                  trainable=trainable_mode(model))
+    meta = RunMeta(model=model.cfg, task=TASK, classifier=settings, base_model=base_model,
+                   data=data_name)
+    trainer = Trainer(model, train, val, ClassificationLoss(pooling), cfg, out, meta,
                       collate_fn=make_collate(pooling, length), metrics={"accuracy": Accuracy(pooling)},
-                      on_eval=on_eval, on_epoch_end=epoch_end if on_epoch_end else None,
-                      progress=progress, meta=full_meta)
+                      progress=progress)
+    for event, fn in (callbacks or {}).items():
+        trainer.add_callback(event, fn)
     if resume:
         trainer.resume(out)
     result = trainer.fit()
@@ -602,7 +555,7 @@ def train_classifier(
         if name == "test":
             metrics["test"] = report
     metrics["step"] = result.step
-    atomic_write_bytes(out / METRICS_NAME, (json.dumps(metrics, indent=2) + "\n").encode())
+    atomic_write_json(out / METRICS_NAME, metrics)
     return ClassifierRun(result, metrics)
 
 
@@ -613,14 +566,14 @@ class TextClassifier:
     """A trained classifier with what it needs to read text: label names, pooling, length.
 
     `TextClassifier.load(run_dir)` rebuilds it from a directory that
-    `gptforge finetune classify` (or `save_classifier`) wrote.
+    `gptforge finetune classify` wrote.
     """
 
     def __init__(self, model: GPTModel, labels: Sequence[str], pooling: str = "last-token",
                  max_length: int | None = None, tokenizer=None) -> None:
         check_pooling(pooling)
         if model.out_head.out_features != len(labels):
-            raise ValueError(f"the model has {model.out_head.out_features} outputs but "
+            raise BadInputError(f"the model has {model.out_head.out_features} outputs but "
                              f"{len(labels)} label names were given")
         self.model, self.labels, self.pooling = model.eval(), list(labels), pooling
         self.max_length = min(max_length or model.cfg.context_length, model.cfg.context_length)
@@ -628,16 +581,15 @@ class TextClassifier:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "TextClassifier":
-        meta = read_classifier_meta(path)
-        return cls(load_model(path, device), meta["labels"], meta.get("pooling", "last-token"),
-                   meta.get("max_length"))
+        settings = read_classifier_meta(path).classifier
+        return cls(load(path, device=device), settings.labels, settings.pooling, settings.max_length)
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 8,
                       on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
         """Class probabilities (N, C), one row per text; texts longer than max_length are cut."""
         for n, text in enumerate(texts, 1):
             if not text or not text.strip():
-                raise ValueError(f"text {n} is empty; there is nothing to classify")
+                raise BadInputError(f"text {n} is empty; there is nothing to classify")
         if not texts:
             return torch.empty(0, len(self.labels))
         examples = [(text, self.labels[0]) for text in texts]

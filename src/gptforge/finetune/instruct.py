@@ -30,8 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from gptforge.checkpoint import RunMeta
+from gptforge.fileio import atomic_write_bytes
+from gptforge.finetune.lora import apply_lora, has_lora
 from gptforge.finetune.templates import PromptTemplate, get_template
+from gptforge.loader import load, read_run
 from gptforge.tokenizer import EOT_ID, get_tokenizer
+from gptforge.errors import BadInputError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +58,21 @@ def check_entries(entries: Any, source: str = "the data") -> list[dict]:
     empty. The error names the first bad entry and what it lacks.
     """
     if not isinstance(entries, list):
-        raise ValueError(f"{source}: expected a list of entries (JSON objects), got "
+        raise BadInputError(f"{source}: expected a list of entries (JSON objects), got "
                          f"{type(entries).__name__}")
     checked = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise ValueError(f"{source}: entry {i} is a {type(entry).__name__}, not an object with "
+            raise BadInputError(f"{source}: entry {i} is a {type(entry).__name__}, not an object with "
                              f"'instruction', 'input' and 'output'")
         for key in REQUIRED_KEYS:
             if key not in entry:
-                raise ValueError(f"{source}: entry {i} has no {key!r} key (it has: "
+                raise BadInputError(f"{source}: entry {i} has no {key!r} key (it has: "
                                  f"{', '.join(map(repr, entry)) or 'none'}); every entry needs "
                                  f"'instruction' and 'output', and may have 'input'")
         for key in ("instruction", "input", "output"):
             if entry.get(key) is not None and not isinstance(entry[key], str):
-                raise ValueError(f"{source}: entry {i} has a {type(entry[key]).__name__} under "
+                raise BadInputError(f"{source}: entry {i} has a {type(entry[key]).__name__} under "
                                  f"{key!r}; it must be text")
         checked.append({**entry, "input": entry.get("input") or ""})
     return checked
@@ -86,7 +91,7 @@ def load_instruction_data(source: str | os.PathLike | None = None) -> list[dict]
     else:
         path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"no instruction data at {path}: give a JSON or JSONL file whose "
+        raise NotFoundError(f"no instruction data at {path}: give a JSON or JSONL file whose "
                                 f"entries have 'instruction', 'input' and 'output'")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".jsonl":
@@ -96,12 +101,12 @@ def load_instruction_data(source: str | os.PathLike | None = None) -> list[dict]
                 try:
                     entries.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({err.msg})") from None
+                    raise BadInputError(f"{path}, line {n}: not valid JSON ({err.msg})") from None
     else:
         try:
             entries = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}); for one entry per line name the "
+            raise BadInputError(f"{path}: not valid JSON ({err}); for one entry per line name the "
                              f"file .jsonl") from None
     return check_entries(entries, str(path))
 
@@ -129,8 +134,6 @@ def split_data(entries: Sequence[dict], train_frac: float = 0.85, test_frac: flo
 
 def write_splits(splits: Splits, out_dir: str | os.PathLike) -> None:
     """Write train.json, val.json and test.json into `out_dir`."""
-    from gptforge.checkpoint import atomic_write_bytes
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in SPLIT_NAMES:
@@ -143,7 +146,7 @@ def read_splits(run_dir: str | os.PathLike) -> Splits:
     run = Path(run_dir)
     missing = [n for n in SPLIT_NAMES if not (run / f"{n}.json").is_file()]
     if missing:
-        raise FileNotFoundError(f"{run} has no {', '.join(m + '.json' for m in missing)}; "
+        raise NotFoundError(f"{run} has no {', '.join(m + '.json' for m in missing)}; "
                                 f"it is not an instruction fine-tuning run")
     return Splits(*(json.loads((run / f"{n}.json").read_text(encoding="utf-8")) for n in SPLIT_NAMES))
 
@@ -244,28 +247,9 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int,
 # ------------------------------------------------------------------------------------
 # models
 
-def load_instruct_model(source: str | os.PathLike,
-                        device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load a model for answering instructions, and its gptforge metadata ({} if none).
-
-    `source` is an instruction run (full or LoRA; adapters are merged for speed), any
-    gptforge model directory, a Hugging Face or OpenAI checkpoint, or a preset name.
-    """
-    from gptforge.checkpoint import is_gptforge_dir, load_model, read_meta
-    from gptforge.finetune.lora import is_lora_run, load_lora_run, merge_lora
-
-    if is_lora_run(source):
-        return merge_lora(load_lora_run(source, device)).eval(), read_meta(source)
-    if is_gptforge_dir(source):
-        return load_model(source, device=device).eval(), read_meta(source)
-    from gptforge.pretrained import load_pretrained
-
-    return load_pretrained(source, device=device), {}
-
-
-def template_of(meta: Mapping[str, Any], default: str = "alpaca") -> PromptTemplate:
+def template_of(meta: RunMeta | None, default: str = "alpaca") -> PromptTemplate:
     """The prompt template a run was trained with (from its metadata), else `default`."""
-    return get_template(meta.get("instruct", {}).get("template") or default)
+    return get_template((meta.template if meta is not None else None) or default)
 
 
 @torch.no_grad()
@@ -365,15 +349,13 @@ def chat_prompt(history: Sequence[Mapping[str, str]], message: str,
         if max_tokens is None or n <= max_tokens:
             return prompt
         if not history:
-            raise ValueError(f"the message makes a prompt of {n} tokens, but there is room for "
+            raise BadInputError(f"the message makes a prompt of {n} tokens, but there is room for "
                              f"{max_tokens}; shorten it (or lower --max-new-tokens)")
         history = history[2:]  # forget the oldest exchange
 
 
 def write_responses(entries: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Write entries with their responses as a JSON list (the book's format)."""
-    from gptforge.checkpoint import atomic_write_bytes
-
     path = Path(path)
     atomic_write_bytes(path, (json.dumps(list(entries), indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     return path
@@ -416,8 +398,7 @@ def finetune_instruct(
     cfg,
     out_dir: str | os.PathLike,
     resume: bool = False,
-    on_eval: Callable[[dict], None] | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
+    callbacks: Mapping[str, Callable] | None = None,
     on_response_progress: Callable[[int], None] | None = None,
     progress: bool = False,
 ) -> InstructResult:
@@ -425,13 +406,11 @@ def finetune_instruct(
 
     `base_model` names where the model came from (stored in the run; a LoRA run
     needs it to rebuild itself). With `options.lora_rank` only LoRA adapters are
-    trained and saved. `cfg` is a TrainConfig. With `resume`, `model` must already
-    hold the run's weights (`load_run_for_resume`), and the run's saved splits are used.
+    trained and saved. `cfg` is a TrainConfig; `callbacks` maps trainer events to
+    functions of the trainer. With `resume`, `model` must already hold the run's
+    weights (`load_run_for_resume`), and the run's saved splits are used.
     """
-    from gptforge.checkpoint import save_model
-    from gptforge.finetune.lora import apply_lora, has_lora, save_lora
-    from gptforge.pretrain import lm_loss
-    from gptforge.training import Trainer
+    from gptforge.training import Trainer, lm_loss
 
     out = Path(out_dir)
     template = get_template(options.template)
@@ -442,27 +421,24 @@ def finetune_instruct(
         write_splits(splits, out)
     ctx = model.cfg.context_length
     max_length = min(options.max_length or ctx, ctx)
-    lora = has_lora(model)
-    if options.lora_rank and not lora:
+    if options.lora_rank and not has_lora(model):
         apply_lora(model, rank=options.lora_rank, alpha=options.lora_alpha or float(options.lora_rank))
-        lora = True
-    save_fn = partial(save_lora, base_model=base_model) if lora else save_model
     settings = {**asdict(options), "max_length": max_length}
-    if lora and settings["lora_rank"] is None:  # a resumed LoRA run
-        settings.pop("lora_rank"), settings.pop("lora_alpha")
-    elif lora:
+    if options.lora_rank:
         settings["lora_alpha"] = options.lora_alpha or float(options.lora_rank)
-    meta = {"task": "instruct", "instruct": settings}
-    if not lora:
-        meta["base_model"] = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
+    if Path(base_model).exists():
+        base_model = str(Path(base_model).resolve())
+    meta = RunMeta(model=model.cfg, task="instruct", template=options.template, instruct=settings,
+                   base_model=base_model)
     tokenizer = get_tokenizer()
     trainer = Trainer(
         model, InstructionDataset(splits.train, template, tokenizer),
         InstructionDataset(splits.val, template, tokenizer) if splits.val else None,
-        lm_loss, cfg, out, save_model=save_fn,
-        collate_fn=instruction_collate(max_length, options.mask_prompt),
-        on_eval=on_eval, on_epoch_end=on_epoch_end, progress=progress, meta=meta,
+        lm_loss, cfg, out, meta, collate_fn=instruction_collate(max_length, options.mask_prompt),
+        progress=progress,
     )
+    for event, fn in (callbacks or {}).items():
+        trainer.add_callback(event, fn)
     if resume:
         trainer.resume(out)
     result = trainer.fit()
@@ -478,14 +454,10 @@ def finetune_instruct(
 
 def load_run_for_resume(run_dir: str | os.PathLike) -> tuple[nn.Module, str, InstructOptions]:
     """The model (with trainable adapters if it is a LoRA run), base source and options of a run."""
-    from gptforge.checkpoint import load_model, read_meta
-    from gptforge.finetune.lora import is_lora_run, load_lora_run
-
-    meta = read_meta(run_dir)
-    if meta.get("task") != "instruct":
-        raise ValueError(f"{run_dir} is not an instruction fine-tuning run")
+    meta = read_run(run_dir)
+    if meta.task != "instruct" or meta.instruct is None:
+        raise BadInputError(f"{run_dir} is not an instruction fine-tuning run")
     known = {f for f in InstructOptions.__dataclass_fields__}
-    options = InstructOptions(**{k: v for k, v in meta["instruct"].items() if k in known})
-    model = load_lora_run(run_dir) if is_lora_run(run_dir) else load_model(run_dir)
-    return model, meta.get("base_model", str(run_dir)), options
-
+    options = InstructOptions(**{k: v for k, v in meta.instruct.items() if k in known})
+    model = load(run_dir, for_training=True)
+    return model, meta.base_model or str(run_dir), options

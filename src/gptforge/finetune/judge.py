@@ -24,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+from gptforge.errors import BadInputError, GptforgeError
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def parse_score(reply: str) -> int | None:
     return value if 0 <= value <= 100 else None
 
 
-class JudgeError(RuntimeError):
+class JudgeError(GptforgeError, RuntimeError):
     """The judge cannot be used at all (bad URL, unknown model, refused request)."""
 
 
@@ -143,7 +144,7 @@ class JudgeCache:
             try:
                 self.entries = json.loads(self.path.read_text(encoding="utf-8"))
             except json.JSONDecodeError:
-                raise ValueError(f"the judge cache {self.path} is not valid JSON; delete it to "
+                raise BadInputError(f"the judge cache {self.path} is not valid JSON; delete it to "
                                  f"start a fresh one") from None
 
     @staticmethod
@@ -166,7 +167,7 @@ class JudgeCache:
 def judge_endpoint(url: str, api: str) -> str:
     """The full chat URL for a server base URL: adds /v1/chat/completions or /api/chat if missing."""
     if api not in APIS:
-        raise ValueError(f"judge API must be one of {', '.join(APIS)}, not {api!r}")
+        raise BadInputError(f"judge API must be one of {', '.join(APIS)}, not {api!r}")
     url = url.rstrip("/")
     if api == "ollama":
         return url if url.endswith("/api/chat") else url + "/api/chat"
@@ -283,7 +284,7 @@ def evaluate_responses(
     for i, entry in enumerate(entries):
         for key in ("instruction", "output", response_key):
             if key not in entry:
-                raise ValueError(f"entry {i} has no {key!r} key; evaluate a responses.json written "
+                raise BadInputError(f"entry {i} has no {key!r} key; evaluate a responses.json written "
                                  f"by `gptforge finetune instruct` (or name the key with --response-key)")
     rows = []
     for i, entry in enumerate(entries):

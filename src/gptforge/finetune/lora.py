@@ -5,17 +5,15 @@ y = x W^T + b + alpha * (x A) B, with A (in, rank) random and B (rank, out) zero
 the start, so a freshly wrapped model computes exactly what it computed before. The
 scale is `alpha` as in the book's appendix E (not alpha / rank as in some libraries).
 
-A LoRA run is saved as adapters only (`save_lora`: a few MB instead of the whole
-model) and names its base model; `load_lora_run` rebuilds it, `merge_lora` folds
-the adapters in for export as a plain model.
+This module knows layers only. A LoRA run is saved as adapters only (a few MB
+instead of the whole model) next to the name of its base model
+(`gptforge.checkpoint.save_model`); `gptforge.load` rebuilds it, merged for use or
+with trainable adapters to continue training; `merge_lora` folds adapters in.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -72,7 +70,7 @@ def _linear_children(model: nn.Module, skip: Iterable[nn.Module]) -> list[tuple[
         if isinstance(parent, LoRALinear):
             continue
         for name, child in parent.named_children():
-            if type(child) is nn.Linear and id(child) not in skip_ids:
+            if isinstance(child, nn.Linear) and id(child) not in skip_ids:
                 found.append((parent, name, child))
     return found
 
@@ -122,17 +120,22 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def without_lora(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every adapter removed: the frozen base the adapters sit on."""
+    import copy
+
+    base = copy.deepcopy(model)
+    for parent in list(base.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.base)
+    return base
+
+
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-# ------------------------------------------------------------------------------------
-# LoRA runs on disk: adapter weights only, plus where the frozen base model comes from.
-
-ADAPTER_NAME = "adapter.safetensors"
-LORA_FORMAT = "gptforge-lora"
 
 
 def lora_settings(model: nn.Module) -> dict:
@@ -145,79 +148,3 @@ def lora_settings(model: nn.Module) -> dict:
     if len(ranks) > 1 or len(alphas) > 1:
         raise ValueError("all adapters of a saved LoRA run must share one rank and alpha")
     return {"rank": ranks.pop(), "alpha": alphas.pop(), "targets": [name for name, _ in wrapped]}
-
-
-def save_lora(model: nn.Module, out_dir: str | os.PathLike, *, base_model: str, **meta) -> Path:
-    """Save only what LoRA training changed: `adapter.safetensors` plus `gptforge.json`.
-
-    `gptforge.json` records the adapters' settings under "lora" and the frozen
-    model's source under "base_model" (a preset name or a path, stored absolute),
-    so `load_lora_run` can rebuild the model from the directory alone.
-    """
-    from gptforge.checkpoint import CONFIG_NAME, FORMAT_VERSION, atomic_save_safetensors, atomic_write_bytes
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if Path(base_model).exists():
-        base_model = str(Path(base_model).resolve())
-    atomic_save_safetensors(lora_state_dict(model), out / ADAPTER_NAME, metadata={"format": "pt"})
-    info = {"format": LORA_FORMAT, "version": FORMAT_VERSION, "lora": lora_settings(model),
-            "base_model": base_model, **meta}
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None:
-        info["model"] = cfg.to_dict()  # lets `gptforge info` and friends read the shape
-    atomic_write_bytes(out / CONFIG_NAME, (json.dumps(info, indent=2) + "\n").encode())
-    return out
-
-
-def is_lora_run(path: str | os.PathLike) -> bool:
-    """True if `path` is a directory written by `save_lora`."""
-    meta = Path(path) / "gptforge.json"
-    if not meta.is_file() or not (Path(path) / ADAPTER_NAME).is_file():
-        return False
-    return "lora" in json.loads(meta.read_text())
-
-
-def load_lora_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a LoRA run: load its base model, wrap it as in training, load the adapters.
-
-    The result has trainable adapters and a frozen base, as after `apply_lora`; call
-    `merge_lora` on it for a plain model.
-    """
-    from safetensors.torch import load_file
-
-    from gptforge.checkpoint import is_gptforge_dir, load_model, read_meta
-
-    meta = read_meta(path)
-    if "lora" not in meta or "base_model" not in meta:
-        raise ValueError(f"{path} is not a LoRA run (its gptforge.json has no 'lora' / 'base_model')")
-    base_source = meta["base_model"]
-    if is_gptforge_dir(base_source) and not is_lora_run(base_source):
-        base = load_model(base_source, device=device)
-    else:
-        from gptforge.pretrained import load_pretrained
-
-        try:
-            base = load_pretrained(base_source, device=device)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{path} adapts the base model {base_source!r}, which cannot be "
-                                    f"loaded ({err}); put it back or edit 'base_model' in "
-                                    f"{Path(path) / 'gptforge.json'}") from None
-    settings = meta["lora"]
-    model = apply_lora(base, rank=int(settings["rank"]), alpha=float(settings["alpha"]))
-    wrapped = lora_settings(model)["targets"]
-    if settings.get("targets") is not None and list(settings["targets"]) != wrapped:
-        raise ValueError(f"the base model {base_source!r} does not have the layers the adapters "
-                         f"in {path} were trained for")
-    state = load_file(str(Path(path) / ADAPTER_NAME), device=str(device))
-    own = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(own))
-    missing = sorted(name for name in own if own[name].requires_grad and name not in state)
-    if unknown or missing:
-        raise ValueError(f"{path}/{ADAPTER_NAME} does not match the model: missing "
-                         f"{missing or 'none'}, unexpected {unknown or 'none'}")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            own[name].copy_(tensor)
-            own[name].requires_grad_(True)
-    return model

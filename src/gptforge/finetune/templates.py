@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping, Sequence
+from gptforge.errors import BadInputError
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
@@ -51,7 +52,7 @@ def get_template(name: str) -> PromptTemplate:
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise ValueError(f"unknown prompt template {name!r}; choose one of: {', '.join(TEMPLATES)}") from None
+        raise BadInputError(f"unknown prompt template {name!r}; choose one of: {', '.join(TEMPLATES)}") from None
 
 
 def render_chat(messages: Sequence[Mapping[str, str]], template: PromptTemplate) -> str:
@@ -61,11 +62,11 @@ def render_chat(messages: Sequence[Mapping[str, str]], template: PromptTemplate)
     become the input, so the model sees the whole conversation.
     """
     if not messages or messages[-1].get("role") != "user":
-        raise ValueError("the last message must come from the user")
+        raise BadInputError("the last message must come from the user")
     context = []
     for message in messages[:-1]:
         role = message.get("role")
         if role not in ("system", "user", "assistant"):
-            raise ValueError(f"unknown message role {role!r}; use system, user or assistant")
+            raise BadInputError(f"unknown message role {role!r}; use system, user or assistant")
         context.append(message["content"] if role == "system" else f"{role.capitalize()}: {message['content']}")
     return template.prompt({"instruction": messages[-1]["content"], "input": "\n".join(context)})

@@ -12,17 +12,16 @@ Writing produces what `transformers.GPT2LMHeadModel.from_pretrained(dir)` loads.
 from __future__ import annotations
 
 import json
-import os
 import re
-import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from gptforge.checkpoint import atomic_write_bytes
 from gptforge.config import GPTConfig
+from gptforge.errors import CheckpointError, NotFoundError
+from gptforge.fileio import atomic_write_json, write_safetensors
 from gptforge.model import GPTModel
 from gptforge.pretrained.names import gptforge_to_flat, name_map
 
@@ -31,11 +30,6 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 _MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
-_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}
 # The GELU variants Hugging Face offers that are the tanh approximation gptforge uses.
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
@@ -52,7 +46,7 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
                 if flat is None:
                     continue
                 if flat in self._where:
-                    raise ValueError(f"{file} holds tensor {flat!r} twice (as {key!r} and "
+                    raise CheckpointError(f"{file} holds tensor {flat!r} twice (as {key!r} and "
                                      f"{self._where[flat][1]!r}); keep one of them")
                 self._where[flat] = (handle, key)
 
@@ -87,7 +81,7 @@ def config_from_hf(config: dict) -> GPTConfig:
     """
     model_type = config.get("model_type", "gpt2")
     if model_type != "gpt2":
-        raise ValueError(f"{CONFIG_NAME} describes a {model_type!r} model; only GPT-2 ('gpt2') "
+        raise CheckpointError(f"{CONFIG_NAME} describes a {model_type!r} model; only GPT-2 ('gpt2') "
                          f"checkpoints can be loaded")
     emb_dim = config.get("n_embd", config.get("hidden_size"))
     problems = []
@@ -103,13 +97,13 @@ def config_from_hf(config: dict) -> GPTConfig:
     if config.get("add_cross_attention"):
         problems.append("add_cross_attention=true")
     if problems:
-        raise ValueError(f"this GPT-2 variant cannot be loaded: {'; '.join(problems)}")
+        raise CheckpointError(f"this GPT-2 variant cannot be loaded: {'; '.join(problems)}")
     fields = {"vocab_size": config.get("vocab_size"), "emb_dim": emb_dim,
               "n_heads": config.get("n_head"), "n_layers": config.get("n_layer"),
               "context_length": config.get("n_positions", config.get("n_ctx"))}
     missing = [k for k, v in fields.items() if v is None]
     if missing:
-        raise ValueError(f"{CONFIG_NAME} lacks the GPT-2 sizes for {', '.join(missing)} "
+        raise CheckpointError(f"{CONFIG_NAME} lacks the GPT-2 sizes for {', '.join(missing)} "
                          f"(expected vocab_size, n_embd, n_head, n_layer, n_positions)")
     return GPTConfig(**{k: int(v) for k, v in fields.items()}, drop_rate=0.0, qkv_bias=True,
                      tie_weights=bool(config.get("tie_word_embeddings", True)),
@@ -155,7 +149,7 @@ def read_hf_checkpoint(path: str | Path) -> tuple[GPTConfig, SafetensorsWeights]
     directory = path if path.is_dir() else path.parent
     config_file = directory / CONFIG_NAME
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: a Hugging Face checkpoint needs its "
+        raise NotFoundError(f"{config_file} not found: a Hugging Face checkpoint needs its "
                                 f"config.json next to the weights")
     cfg = config_from_hf(json.loads(config_file.read_text()))
     if path.is_file():
@@ -170,7 +164,7 @@ def read_hf_checkpoint(path: str | Path) -> tuple[GPTConfig, SafetensorsWeights]
         if (directory / "pytorch_model.bin").is_file():
             hint = (" (it has pytorch_model.bin: convert it with transformers, "
                     "GPT2LMHeadModel.from_pretrained(dir).save_pretrained(out_dir))")
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}{hint}")
+        raise NotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}{hint}")
     return cfg, SafetensorsWeights(files, cfg.tie_weights)
 
 
@@ -194,37 +188,5 @@ def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    atomic_write_bytes(out / CONFIG_NAME, (json.dumps(hf_config(cfg, dtype), indent=2) + "\n").encode())
+    atomic_write_json(out / CONFIG_NAME, hf_config(cfg, dtype))
     return out
-
-
-def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` to a safetensors file, converting and writing one tensor at a time.
-
-    Unlike `safetensors.torch.save_file`, the tensors may be non-contiguous views
-    (say, transposes): each is made contiguous only while it is written. The file
-    appears under its name only once complete.
-    """
-    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors "
-                             f"cannot store")
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for tensor in tensors.values():
-            data = tensor.detach().to("cpu").contiguous().reshape(-1)
-            if data.numel():
-                f.write(data.view(torch.uint8).numpy().data)
-    os.replace(tmp, path)

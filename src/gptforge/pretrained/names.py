@@ -24,6 +24,7 @@ import torch
 
 from gptforge.config import GPTConfig
 from gptforge.model import GPTModel
+from gptforge.errors import CheckpointError
 
 # (flat name, gptforge name, transpose). "{i}" is the block index.
 LAYER_NAMES: tuple[tuple[str, str, bool], ...] = (
@@ -105,7 +106,7 @@ def flat_to_gptforge(flat: Mapping[str, Tensorish], cfg: GPTConfig, *,
             continue  # only collect the remaining shape errors
         state[name] = _to_torch(value, transpose).to(device=device, dtype=dtype)
     if wrong:
-        raise ValueError(f"checkpoint tensors do not fit {_describe(cfg)}: " + "; ".join(wrong))
+        raise CheckpointError(f"checkpoint tensors do not fit {_describe(cfg)}: " + "; ".join(wrong))
     if cfg.tie_weights:
         state["out_head.weight"] = state["emb.tok.weight"]
     return state
@@ -124,7 +125,7 @@ def gptforge_to_flat(state_dict: Mapping[str, torch.Tensor],
     if cfg.tie_weights and "out_head.weight" in state and "emb.tok.weight" in state:
         head, tok = state.pop("out_head.weight"), state["emb.tok.weight"]
         if not _same_tensor(head, tok):
-            raise ValueError(
+            raise CheckpointError(
                 "out_head.weight is not tied to emb.tok.weight although the config says "
                 "tie_weights=True; save a model whose config has tie_weights=False instead")
     _check_names(set(state), {ours for ours, _ in table.values()}, "state dict")
@@ -132,7 +133,7 @@ def gptforge_to_flat(state_dict: Mapping[str, torch.Tensor],
     wrong = [f"{name} has shape {list(state[name].shape)}, expected {list(shapes[name])}"
              for name, _ in table.values() if tuple(state[name].shape) != shapes[name]]
     if wrong:
-        raise ValueError(f"state dict does not fit {_describe(cfg)}: " + "; ".join(wrong))
+        raise CheckpointError(f"state dict does not fit {_describe(cfg)}: " + "; ".join(wrong))
     return {flat: state[name].t() if transpose else state[name]
             for flat, (name, transpose) in table.items()}
 
@@ -145,7 +146,7 @@ def _check_names(present: set[str], expected: set[str], what: str) -> None:
             parts.append(f"missing {', '.join(missing)}")
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected)}")
-        raise ValueError(f"{what} does not match a GPT-2 model: " + "; ".join(parts))
+        raise CheckpointError(f"{what} does not match a GPT-2 model: " + "; ".join(parts))
 
 
 def _to_torch(value: Tensorish, transpose: bool) -> torch.Tensor:

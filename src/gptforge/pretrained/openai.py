@@ -17,6 +17,7 @@ import numpy as np
 
 from gptforge.config import GPTConfig
 from gptforge.pretrained.tf_checkpoint import TFCheckpointReader
+from gptforge.errors import CheckpointError, NotFoundError
 
 HPARAMS_NAME = "hparams.json"
 
@@ -46,7 +47,7 @@ def config_from_hparams(hparams: dict) -> GPTConfig:
     keys = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
     missing = [k for k in keys if k not in hparams]
     if missing:
-        raise ValueError(f"{HPARAMS_NAME} lacks {', '.join(missing)}; it needs all of "
+        raise CheckpointError(f"{HPARAMS_NAME} lacks {', '.join(missing)}; it needs all of "
                          f"{', '.join(keys)}")
     return GPTConfig(
         vocab_size=int(hparams["n_vocab"]), context_length=int(hparams["n_ctx"]),
@@ -79,7 +80,7 @@ def read_openai_checkpoint(path: str | Path, *,
     directory = path if path.is_dir() else path.parent
     hparams_file = directory / HPARAMS_NAME
     if not hparams_file.is_file():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{hparams_file} not found: an OpenAI GPT-2 checkpoint directory has hparams.json "
             f"next to model.ckpt.index")
     cfg = config_from_hparams(json.loads(hparams_file.read_text()))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptforge.errors import CheckpointError, NotFoundError
 from gptforge.pretrained.checksum import crc32c, has_native_crc32c, unmask
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ _DTYPE_NAMES: dict[int, str] = {
 }
 
 
-class TFCheckpointError(ValueError):
+class TFCheckpointError(CheckpointError):
     """A TensorFlow checkpoint is malformed, truncated or uses a feature not supported here."""
 
 
@@ -275,17 +276,17 @@ def resolve_checkpoint_prefix(path: str | Path) -> Path:
         if len(found) == 1:
             return found[0].with_suffix("")
         if found:
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"{path} holds several checkpoints ({', '.join(p.name for p in found)}); "
                 f"pass the prefix of the one to read, e.g. {found[0].with_suffix('')}")
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"no TensorFlow checkpoint in {path}: looked for a 'checkpoint' file, "
             f"model.ckpt.index and any *.index file")
     if path.suffix == ".index" and path.is_file():
         return path.with_suffix("")
     if path.with_name(path.name + ".index").is_file():
         return path
-    raise FileNotFoundError(
+    raise NotFoundError(
         f"no TensorFlow checkpoint at {path}: expected a directory, an .index file, or a prefix "
         f"such that {path.name}.index exists")
 
@@ -450,7 +451,7 @@ class TFCheckpointReader:
         if shard_id not in self._shards:
             path = self.shard_path(shard_id)
             if not path.is_file():
-                raise FileNotFoundError(
+                raise NotFoundError(
                     f"data file {path} of checkpoint {self.prefix} is missing; the index needs "
                     f"all {self._header.num_shards} data shard(s) next to it")
             if path.stat().st_size == 0:

@@ -12,7 +12,7 @@ __all__ = ["Engine", "SamplingParams", "background_server", "create_app"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that `gptforge --help` (which imports gptforge.serve.cli) never loads FastAPI.
+    # Lazy, so that `gptforge --help` (which imports gptforge.cli.serve) never loads FastAPI.
     if name in ("create_app", "background_server"):
         from gptforge.serve import app
 

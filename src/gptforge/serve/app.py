@@ -33,6 +33,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptforge.checkpoint import RunMeta
+from gptforge.errors import BadInputError
 from gptforge.model import GPTModel
 from gptforge.serve.engine import Engine, Event, SamplingParams
 
@@ -170,14 +172,14 @@ class RequestGuard:
 class ServedModels:
     """The loaded models, their ids and the engine that runs them."""
 
-    def __init__(self, model: GPTModel, model_id: str, meta: dict[str, Any], engine: Engine,
+    def __init__(self, model: GPTModel, model_id: str, meta: RunMeta | None, engine: Engine,
                  tokenizer, classifier=None, classifier_id: str | None = None,
                  timeout: float | None = None) -> None:
-        from gptforge.finetune.templates import get_template
+        from gptforge.finetune.instruct import template_of
 
         self.model, self.model_id, self.meta, self.engine = model, model_id, meta, engine
         self.tokenizer = tokenizer
-        self.template = get_template(meta.get("template", "alpaca"))
+        self.template = template_of(meta)
         self.classifier, self.classifier_id = classifier, classifier_id  # a TextClassifier
         self.timeout = timeout
         self.created = int(time.time())
@@ -207,23 +209,18 @@ def _source_id(source: str | os.PathLike) -> str:
     return path.resolve().name if path.exists() else str(source)
 
 
-def _load_language_model(source: str | os.PathLike | GPTModel, device: str) -> tuple[GPTModel, dict]:
-    from gptforge.checkpoint import is_gptforge_dir, read_meta
-
+def _load_language_model(source: str | os.PathLike | GPTModel,
+                         device: str) -> tuple[GPTModel, RunMeta | None]:
+    """The model to serve and its run metadata (None for a model passed in directly)."""
     if isinstance(source, GPTModel):
-        return source.to(device).eval(), {}
-    meta = read_meta(source) if is_gptforge_dir(source) else {}
-    if meta.get("task") == "classifier":
-        raise ValueError(f"{source} is a classifier: serve a language model with --model and "
-                         f"add the classifier with --classifier")
-    from gptforge.cli import load_model_arg
-    from gptforge.generate import use_decode_layout
+        return source.to(device).eval(), None
+    from gptforge.loader import load, read_run
 
-    model = use_decode_layout(load_model_arg(str(source), device).eval())
-    if model.out_head.out_features != model.cfg.vocab_size:
-        raise ValueError(f"{source} has no language-model head ({model.out_head.out_features} "
-                         f"outputs): serve a language model with --model")
-    return model, meta
+    meta = read_run(source)
+    if meta.task == "classifier":
+        raise BadInputError(f"{source} is a classifier: serve a language model with --model and "
+                            f"add the classifier with --classifier")
+    return load(source, device=device), meta
 
 
 # ------------------------------------------------------------------------------------
@@ -435,7 +432,7 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
     from gptforge.tokenizer import EOT_ID, get_tokenizer
 
     if max_body_bytes < 1:
-        raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+        raise BadInputError(f"max_body_bytes must be positive, got {max_body_bytes}")
     model, meta = _load_language_model(model_dir, device)
     classifier, classifier_id = None, None
     if classifier_dir is not None:

@@ -1,4 +1,4 @@
-"""Commands for instruction-following models: `finetune instruct`, `merge-lora`, `chat`, `ask`,
+"""Commands for instruction-following models: `finetune instruct`, `chat`, `ask` and
 `evaluate-responses`. Each parses its flags and calls into gptforge.finetune.instruct / judge."""
 
 from __future__ import annotations
@@ -7,11 +7,22 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from gptforge.cli import (_positive_int, _say, add_sampling_args, add_train_args, default_run_dir,
-                          finetune_group, load_model_arg, train_config_from_args)
+from gptforge.cli.common import (
+    add_device_arg,
+    add_sampling_args,
+    add_train_args,
+    check_new_run_dir,
+    finetune_group,
+    positive_int,
+    print_eval,
+    print_finish,
+    sampling_from_args,
+    say,
+    train_config,
+)
+from gptforge.errors import BadInputError, NotFoundError
 
 # The book's chapter-7 settings.
 TRAIN_DEFAULTS = dict(lr=5e-5, weight_decay=0.1, epochs=2, batch_size=8, eval_every=5, eval_batches=5)
@@ -21,49 +32,23 @@ TEMPLATE_NAMES = ("alpaca", "phi3")
 def add_commands(sub) -> None:
     """Register this module's subcommands on the top-level subparsers."""
     _add_finetune_instruct(finetune_group(sub))
-    _add_merge_lora(sub)
     _add_chat(sub)
     _add_ask(sub)
     _add_evaluate_responses(sub)
 
 
 def _load_model(source: str, device: str = "cpu"):
-    """(model, metadata) for a run directory (full or LoRA), a checkpoint or a preset."""
-    from gptforge.checkpoint import is_gptforge_dir
-    from gptforge.finetune.instruct import load_instruct_model
-    from gptforge.finetune.lora import is_lora_run
+    """(model, run metadata) for a run directory (full or LoRA), a checkpoint or a preset."""
+    from gptforge.loader import load, read_run
 
-    if is_lora_run(source) or is_gptforge_dir(source):
-        return load_instruct_model(source, device)
-    return load_model_arg(source, device), {}
+    return load(source, device=device), read_run(source)
 
 
-def _load_for_answering(source: str, device: str = "cpu"):
-    """Like `_load_model`, with the weights laid out for fast decoding (chat, ask)."""
-    from gptforge.generate import use_decode_layout
-
-    model, meta = _load_model(source, device)
-    return use_decode_layout(model), meta
-
-
-def _template(name: str | None, meta: dict):
+def _template(name: str | None, meta):
     from gptforge.finetune.instruct import template_of
     from gptforge.finetune.templates import get_template
 
     return get_template(name) if name else template_of(meta)
-
-
-def _sampling(args: argparse.Namespace) -> dict:
-    import torch
-
-    from gptforge.generate import check_sampling
-
-    check_sampling(args.temperature, args.top_k, args.top_p)
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-            "generator": generator}
 
 
 # ------------------------------------------------------------------------------------
@@ -79,17 +64,17 @@ def _add_finetune_instruct(tasks) -> None:
     p.add_argument("--template", choices=TEMPLATE_NAMES, default="alpaca")
     p.add_argument("--mask-prompt", action="store_true",
                    help="train only on the responses (prompt targets are ignored)")
-    p.add_argument("--max-length", type=_positive_int, default=1024,
+    p.add_argument("--max-length", type=positive_int, default=1024,
                    help="truncate examples to this many tokens (capped at the context length)")
-    p.add_argument("--lora-rank", type=_positive_int, default=None,
+    p.add_argument("--lora-rank", type=positive_int, default=None,
                    help="train LoRA adapters of this rank instead of all weights")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale (default: the rank)")
     p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the model's)")
     p.add_argument("--max-test", type=int, default=None,
                    help="answer only the first N test entries (0: none; default: all)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256,
+    p.add_argument("--max-new-tokens", type=positive_int, default=256,
                    help="longest test-set response in tokens")
-    p.add_argument("--gen-batch-size", type=_positive_int, default=8,
+    p.add_argument("--gen-batch-size", type=positive_int, default=8,
                    help="test prompts of equal length answered together")
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>-instruct)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
@@ -100,44 +85,34 @@ def _add_finetune_instruct(tasks) -> None:
 def cmd_finetune_instruct(args: argparse.Namespace) -> int:
     import torch
 
+    from gptforge.checkpoint import default_run_dir
     from gptforge.finetune.instruct import InstructOptions, finetune_instruct, load_run_for_resume
-    from gptforge.training import TrainConfig
+    from gptforge.loader import load
 
     if args.lora_alpha is not None and args.lora_rank is None:
-        raise ValueError("--lora-alpha needs --lora-rank")
-    cfg = train_config_from_args(args)
+        raise BadInputError("--lora-alpha needs --lora-rank")
     if args.resume:
         out = Path(args.resume)
+        cfg = train_config(args, out)
         model, base, options = load_run_for_resume(out)
         options.max_test, options.max_new_tokens = args.max_test, args.max_new_tokens
         options.gen_batch_size = args.gen_batch_size
-        saved = json.loads((out / "train_config.json").read_text())
-        task_defaults = TrainConfig(**{**asdict(TrainConfig()), **TRAIN_DEFAULTS})
-        explicit = {k: v for k, v in asdict(cfg).items()
-                    if v != getattr(task_defaults, k) and k != "betas"}
-        cfg = TrainConfig(**{**saved, "betas": tuple(saved["betas"]), **explicit})
     else:
+        cfg = train_config(args)
         options = InstructOptions(data=args.data, template=args.template, mask_prompt=args.mask_prompt,
                                   max_length=args.max_length, lora_rank=args.lora_rank,
                                   lora_alpha=args.lora_alpha, max_test=args.max_test,
                                   max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size)
         torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn at random
-        model, _ = _load_model(args.model)
+        model = load(args.model, for_training=True)
         base = args.model
         suffix = f"-lora{args.lora_rank}" if args.lora_rank else ""
         out = Path(args.out) if args.out else default_run_dir(f"{Path(args.model).name}-instruct{suffix}")
-        if (out / "training_state.pt").exists():
-            raise SystemExit(f"error: {out} already holds a run; continue it with --resume {out} "
-                             f"or choose another --out")
+        check_new_run_dir(out)
     if args.dropout is not None:
         from gptforge.pretrain import set_dropout
 
         set_dropout(model, args.dropout)
-
-    def on_eval(r: dict) -> None:
-        val = f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "n/a"
-        _say(f"Ep {r['epoch']} (Step {r['step']:06d}): Train loss {r['train_loss']:.3f}, "
-             f"Val loss {val}, {r['tokens_per_s']:.0f} tok/s")
 
     bar = None
 
@@ -153,42 +128,14 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
             bar.update(n)
 
     start = time.perf_counter()
-    result = finetune_instruct(model, base, options, cfg, out, resume=bool(args.resume), on_eval=on_eval,
-                               on_response_progress=on_response, progress=not args.no_progress)
+    result = finetune_instruct(model, base, options, cfg, out, resume=bool(args.resume),
+                               callbacks={"on_eval": print_eval}, on_response_progress=on_response,
+                               progress=not args.no_progress)
     if bar is not None:
         bar.close()
-    minutes = (time.perf_counter() - start) / 60
-    state = "paused" if result.interrupted else "finished"
-    _say(f"Training {state} after {result.step} steps, {result.tokens_seen} tokens, in "
-         f"{minutes:.2f} minutes. Run directory: {out}")
+    print_finish(result, (time.perf_counter() - start) / 60, out)
     if result.responses:
-        _say(f"Test-set responses: {result.responses}")
-    return 0
-
-
-# ------------------------------------------------------------------------------------
-# merge-lora
-
-def _add_merge_lora(sub) -> None:
-    p = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into a plain gptforge model")
-    p.add_argument("run", help="LoRA run directory (adapter.safetensors + gptforge.json)")
-    p.add_argument("out", help="directory for the merged model")
-    p.set_defaults(func=cmd_merge_lora)
-
-
-def cmd_merge_lora(args: argparse.Namespace) -> int:
-    from gptforge.checkpoint import read_meta, save_model
-    from gptforge.finetune.lora import is_lora_run, load_lora_run, merge_lora
-
-    if not is_lora_run(args.run):
-        raise ValueError(f"{args.run} is not a LoRA run (no adapter.safetensors with a 'lora' entry "
-                         f"in gptforge.json)")
-    model = merge_lora(load_lora_run(args.run))
-    meta = read_meta(args.run)
-    keep = {k: v for k, v in meta.items() if k not in ("format", "version", "model", "head", "lora")}
-    save_model(model, args.out, **keep, merged_from=str(Path(args.run).resolve()),
-               merged_lora=meta["lora"])
-    print(args.out)
+        say(f"Test-set responses: {result.responses}")
     return 0
 
 
@@ -202,7 +149,7 @@ def _add_chat(sub) -> None:
                    help="prompt template (default: the run's, else alpaca)")
     p.add_argument("--history", type=int, default=3,
                    help="earlier exchanges shown to the model (0: none)")
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p)
     add_sampling_args(p, max_new_tokens=256)
     p.set_defaults(func=cmd_chat)
 
@@ -218,8 +165,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     # The module, looked up at run time (`gptforge.generate` the attribute is a function).
     gen = importlib.import_module("gptforge.generate")
-    sampling = _sampling(args)
-    model, meta = _load_for_answering(args.model, args.device)
+    sampling = sampling_from_args(args)
+    model, meta = _load_model(args.model, args.device)
     template = _template(args.template, meta)
     tokenizer = get_tokenizer()
     ctx = model.cfg.context_length
@@ -281,7 +228,7 @@ def _add_ask(sub) -> None:
     p.add_argument("--model", required=True, help="run directory, checkpoint or preset")
     p.add_argument("--template", choices=TEMPLATE_NAMES, default=None,
                    help="prompt template (default: the run's, else alpaca)")
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p)
     add_sampling_args(p, max_new_tokens=256)
     p.set_defaults(func=cmd_ask)
 
@@ -289,8 +236,8 @@ def _add_ask(sub) -> None:
 def cmd_ask(args: argparse.Namespace) -> int:
     from gptforge.finetune.instruct import answer
 
-    sampling = _sampling(args)
-    model, meta = _load_for_answering(args.model, args.device)
+    sampling = sampling_from_args(args)
+    model, meta = _load_model(args.model, args.device)
     template = _template(args.template, meta)
     entry = {"instruction": args.instruction, "input": args.input}
     print(answer(model, entry, template, args.max_new_tokens, **sampling))
@@ -320,8 +267,8 @@ def _add_evaluate_responses(sub) -> None:
     p.add_argument("--judge-backoff", type=float, default=1.0, help="first wait between retries (s)")
     p.add_argument("--judge-seed", type=int, default=123)
     p.add_argument("--out", default=None, help="report file (default: report.json beside the responses)")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    add_device_arg(p)
     p.set_defaults(func=cmd_evaluate_responses)
 
 
@@ -330,10 +277,10 @@ def cmd_evaluate_responses(args: argparse.Namespace) -> int:
 
     path = Path(args.responses)
     if not path.is_file():
-        raise FileNotFoundError(f"no responses file at {path}")
+        raise NotFoundError(f"no responses file at {path}")
     entries = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(entries, list):
-        raise ValueError(f"{path} must hold a JSON list of entries")
+        raise BadInputError(f"{path} must hold a JSON list of entries")
     model, template = None, "alpaca"
     if args.model:
         model, meta = _load_model(args.model, args.device)
@@ -341,7 +288,7 @@ def cmd_evaluate_responses(args: argparse.Namespace) -> int:
     judge = None
     if args.judge_url or args.judge_model:
         if not (args.judge_url and args.judge_model):
-            raise ValueError("a judge needs both --judge-url and --judge-model")
+            raise BadInputError("a judge needs both --judge-url and --judge-model")
         cache = args.judge_cache or path.with_name("judge_cache.json")
         judge = JudgeClient(args.judge_url, args.judge_model, args.judge_api, args.judge_timeout,
                             args.judge_retries, args.judge_backoff, args.judge_seed, cache)

@@ -7,6 +7,9 @@ import ipaddress
 import os
 import sys
 
+from gptforge.cli.common import add_device_arg
+from gptforge.errors import GptforgeError
+
 SERVE_EXTRA_HINT = "pip install 'gptforge[serve]'"
 
 
@@ -30,7 +33,7 @@ def add_commands(sub) -> None:
                    help="generations advanced together; more wait in the queue")
     p.add_argument("--model-id", default=None,
                    help="model id clients send (default: the run directory's or preset's name)")
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: PyTorch's choice; 1 is often faster "
                         "on a machine busy with other work)")
@@ -42,8 +45,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as err:
-        raise SystemExit(f"error: `gptforge serve` needs FastAPI and uvicorn ({err.name} is "
-                         f"missing): {SERVE_EXTRA_HINT}") from None
+        raise GptforgeError(f"`gptforge serve` needs FastAPI and uvicorn ({err.name} is missing): "
+                            f"{SERVE_EXTRA_HINT}") from None
     from gptforge.serve.app import create_app
 
     if args.threads:

@@ -1,22 +1,22 @@
-"""Command line for text classification: `gptforge finetune classify` and `gptforge classify`."""
+"""Text classification: `gptforge finetune classify` and `gptforge classify`."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from gptforge.cli import (
-    _positive_int,
-    _say,
+from gptforge.cli.common import (
+    add_device_arg,
     add_train_args,
-    default_run_dir,
+    check_new_run_dir,
     finetune_group,
-    load_model_arg,
-    train_config_from_args,
+    positive_int,
+    print_eval,
+    say,
+    train_config,
 )
+from gptforge.errors import BadInputError
 
 # The book's chapter-6 settings, where they differ from TrainConfig's defaults.
 TRAIN_DEFAULTS = dict(epochs=5, batch_size=8, lr=5e-5, weight_decay=0.1, eval_every=50, eval_batches=5)
@@ -43,20 +43,20 @@ def _add_finetune_classify(tasks) -> None:
                        help="model to start from: preset (downloads GPT-2), checkpoint or run directory")
     model.add_argument("--init", default=None, metavar="PRESET",
                        help="start from a fresh, untrained model of this preset instead of --model")
-    model.add_argument("--context-length", type=_positive_int, default=256,
+    model.add_argument("--context-length", type=positive_int, default=256,
                        help="context length of an --init model")
     for flag in ("--n-layers", "--emb-dim", "--n-heads"):
-        model.add_argument(flag, type=_positive_int, default=None, help="shape of an --init model")
+        model.add_argument(flag, type=positive_int, default=None, help="shape of an --init model")
     model.add_argument("--dropout", type=float, default=0.0, help="dropout rate (book: 0.0)")
     model.add_argument("--trainable", choices=TRAINABLE, default="last-block",
                        help="what trains: the last block + final norm + head (book), all, "
                             "the head only, or LoRA adapters + head")
-    model.add_argument("--lora-rank", type=_positive_int, default=16)
+    model.add_argument("--lora-rank", type=positive_int, default=16)
     model.add_argument("--lora-alpha", type=float, default=16.0)
     model.add_argument("--pooling", choices=POOLINGS, default="last-token",
                        help="which outputs classify a text: its last real token, the last "
                             "position (the book; padding included), or the mean over its tokens")
-    model.add_argument("--max-length", type=_positive_int, default=None,
+    model.add_argument("--max-length", type=positive_int, default=None,
                        help="cut texts to this many tokens (default: the longest training text)")
 
     data = p.add_argument_group("data (default: SMS Spam Collection)")
@@ -83,9 +83,9 @@ def _load_splits(args: argparse.Namespace):
 
     columns = dict(text_column=args.text_column, label_column=args.label_column)
     if args.data and args.train:
-        raise ValueError("give either --data (split 70/10/20) or --train/--val/--test, not both")
+        raise BadInputError("give either --data (split 70/10/20) or --train/--val/--test, not both")
     if (args.val or args.test) and not args.train:
-        raise ValueError("--val and --test need --train")
+        raise BadInputError("--val and --test need --train")
     if args.train:
         return TextSplits(read_examples(args.train, **columns),
                           read_examples(args.val, **columns) if args.val else [],
@@ -96,34 +96,25 @@ def _load_splits(args: argparse.Namespace):
 
 
 def _build_model(args: argparse.Namespace):
-    from gptforge.checkpoint import is_gptforge_dir, load_model
+    from gptforge.config import book_config
+    from gptforge.loader import load
     from gptforge.model import GPTModel
-    from gptforge.pretrain import book_config, set_dropout
+    from gptforge.pretrain import set_dropout
 
     shape = {k: getattr(args, k) for k in ("n_layers", "emb_dim", "n_heads") if getattr(args, k)}
     if args.init:
         return GPTModel(book_config(args.init, args.context_length, drop_rate=args.dropout, **shape))
     if shape:
-        raise ValueError("--n-layers/--emb-dim/--n-heads shape a fresh model; use them with --init")
-    model = load_model(args.model) if is_gptforge_dir(args.model) else load_model_arg(args.model)
+        raise BadInputError("--n-layers/--emb-dim/--n-heads shape a fresh model; use them with --init")
+    model = load(args.model, for_training=True)
     set_dropout(model, args.dropout)
     return model
-
-
-def _resumed_train_config(args: argparse.Namespace, run_dir: Path):
-    """The run's saved settings, with the flags given now that differ from the defaults."""
-    from gptforge.training import TrainConfig
-
-    given = train_config_from_args(args)
-    defaults = asdict(TrainConfig(**{**asdict(TrainConfig()), **TRAIN_DEFAULTS}))
-    saved = json.loads((run_dir / "train_config.json").read_text())
-    changed = {k: v for k, v in asdict(given).items() if v != defaults[k] and k != "betas"}
-    return TrainConfig(**{**saved, "betas": tuple(saved["betas"]), **changed})
 
 
 def cmd_finetune_classify(args: argparse.Namespace) -> int:
     import torch
 
+    from gptforge.checkpoint import default_run_dir
     from gptforge.finetune.classify import (
         TextSplits,
         format_report,
@@ -137,55 +128,58 @@ def cmd_finetune_classify(args: argparse.Namespace) -> int:
     if args.resume:
         out = Path(args.resume)
         meta = read_classifier_meta(out)
-        cfg = _resumed_train_config(args, out)
+        cfg = train_config(args, out)
         model = load_for_training(out)
         splits = TextSplits.load(out)
-        labels, pooling, max_length = meta["labels"], meta["pooling"], meta["max_length"]
-        extra = {k: meta[k] for k in ("source", "data") if k in meta}
+        settings = meta.classifier
+        labels, pooling, max_length = settings.labels, settings.pooling, settings.max_length
+        base, data_name = meta.base_model, meta.data
     else:
-        cfg = train_config_from_args(args)
+        cfg = train_config(args)
         splits, data_name = _load_splits(args)
         labels = splits.label_names()
         torch.manual_seed(cfg.seed)
         model = prepare_classifier(_build_model(args), len(labels), args.trainable,
                                    args.lora_rank, args.lora_alpha)
         pooling, max_length = args.pooling, args.max_length
-        source = f"init:{args.init}" if args.init else args.model
+        base = f"init:{args.init}" if args.init else _absolute(args.model)
         out = Path(args.out) if args.out else default_run_dir(
             f"{Path(args.init or args.model).name}-{data_name}-classifier")
-        if (out / "training_state.pt").exists():
-            raise SystemExit(f"error: {out} already holds a run; continue it with --resume {out} "
-                             f"or choose another --out")
-        extra = {"source": source, "data": data_name}
+        check_new_run_dir(out)
     trainable, total = count_trainable(model)
-    _say(f"Classes: {', '.join(labels)}. Examples: {len(splits.train)} train, {len(splits.val)} "
-         f"validation, {len(splits.test)} test. Trainable parameters: {trainable:,} of {total:,}.")
+    say(f"Classes: {', '.join(labels)}. Examples: {len(splits.train)} train, {len(splits.val)} "
+        f"validation, {len(splits.test)} test. Trainable parameters: {trainable:,} of {total:,}.")
 
-    def on_eval(r: dict) -> None:
-        val = f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "n/a"
-        _say(f"Ep {r['epoch']} (Step {r['step']:06d}): Train loss {r['train_loss']:.3f}, Val loss {val}")
-
-    def on_epoch_end(epoch: int, acc: dict) -> None:
-        val = f"{acc['val_accuracy'] * 100:.2f}%" if acc["val_accuracy"] is not None else "n/a"
-        _say(f"Training accuracy: {acc['train_accuracy'] * 100:.2f}% | Validation accuracy: {val}")
+    def on_epoch_end(trainer) -> None:
+        n = trainer.cfg.eval_batches
+        train = trainer.evaluate(trainer.train_eval_loader, n).get("accuracy")
+        val = trainer.evaluate(trainer.val_loader, n).get("accuracy")
+        shown = f"{val * 100:.2f}%" if val is not None else "n/a"
+        say(f"Training accuracy: {train * 100:.2f}% | Validation accuracy: {shown}")
 
     start = time.perf_counter()
     run = train_classifier(model, splits, cfg, out, labels=labels, pooling=pooling,
-                           max_length=max_length, resume=bool(args.resume), on_eval=on_eval,
-                           on_epoch_end=on_epoch_end, progress=not args.no_progress, meta=extra)
+                           max_length=max_length, resume=bool(args.resume),
+                           callbacks={"on_eval": print_eval, "on_epoch_end": on_epoch_end},
+                           progress=not args.no_progress, base_model=base, data_name=data_name)
     minutes = (time.perf_counter() - start) / 60
     if run.metrics is None:
-        _say(f"Training paused after {run.result.step} steps ({minutes:.2f} minutes); continue "
-             f"with --resume {out}")
+        say(f"Training paused after {run.result.step} steps ({minutes:.2f} minutes); continue "
+            f"with --resume {out}")
         return 0
-    _say(f"Training completed in {minutes:.2f} minutes.")
+    say(f"Training completed in {minutes:.2f} minutes.")
     for split, name in (("train", "Training"), ("val", "Validation"), ("test", "Test")):
         if f"{split}_accuracy" in run.metrics:
-            _say(f"{name} accuracy: {run.metrics[f'{split}_accuracy'] * 100:.2f}%")
+            say(f"{name} accuracy: {run.metrics[f'{split}_accuracy'] * 100:.2f}%")
     if "test" in run.metrics:
-        _say(format_report(run.metrics["test"]))
-    _say(f"Classifier saved to {out}; try: gptforge classify --model {out} \"some text\"")
+        say(format_report(run.metrics["test"]))
+    say(f"Classifier saved to {out}; try: gptforge classify --model {out} \"some text\"")
     return 0
+
+
+def _absolute(source: str) -> str:
+    """A path made absolute (so the run finds it from anywhere); a preset name as it is."""
+    return str(Path(source).resolve()) if Path(source).exists() else source
 
 
 # ------------------------------------------------------------------------------------
@@ -199,33 +193,33 @@ def _add_classify(sub) -> None:
     p.add_argument("--text-column", default="Text", help="column of --file that holds the texts")
     p.add_argument("--out", default=None,
                    help="CSV to write --file's rows to, with predicted_label and probability added")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    add_device_arg(p)
     p.set_defaults(func=cmd_classify)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     import csv
-    import os
 
     from tqdm.auto import tqdm
 
+    from gptforge.fileio import atomic_write
     from gptforge.finetune.classify import TextClassifier, read_table, require_columns
 
     if not args.texts and not args.file:
-        raise ValueError("nothing to classify: give texts as arguments or a file with --file")
+        raise BadInputError("nothing to classify: give texts as arguments or a file with --file")
     if args.out and not args.file:
-        raise ValueError("--out writes the rows of --file; give --file too")
+        raise BadInputError("--out writes the rows of --file; give --file too")
     for n, text in enumerate(args.texts, 1):
         if not text.strip():
-            raise ValueError(f"text {n} is empty; there is nothing to classify")
+            raise BadInputError(f"text {n} is empty; there is nothing to classify")
     rows, columns = [], []
     if args.file:
         columns, rows = read_table(args.file)
         require_columns(args.file, columns, [args.text_column], "choose it with --text-column")
         for n, row in enumerate(rows, 1):
             if not (row.get(args.text_column) or "").strip():
-                raise ValueError(f"{args.file}: row {n} has an empty text in column "
+                raise BadInputError(f"{args.file}: row {n} has an empty text in column "
                                  f"{args.text_column!r}; fill it in or remove the row")
     classifier = TextClassifier.load(args.model, args.device)
 
@@ -242,13 +236,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     fields = columns + [c for c in ("predicted_label", "probability") if c not in columns]
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic_write(out, "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row, (label, prob) in zip(rows, predictions):
             kept = {k: v for k, v in row.items() if k is not None}  # None: cells past the header
             writer.writerow({**kept, "predicted_label": label, "probability": f"{prob:.6f}"})
-    os.replace(tmp, out)
-    _say(f"wrote {len(rows)} predictions to {out}")
+    say(f"wrote {len(rows)} predictions to {out}")
     return 0

@@ -1,0 +1,40 @@
+"""`gptforge generate`: continue a prompt, streaming the text as it comes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptforge.cli.common import add_device_arg, add_sampling_args, sampling_from_args
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a model, streaming the text")
+    p.add_argument("--model", required=True, help="preset name, run directory or checkpoint")
+    p.add_argument("--prompt", required=True)
+    add_sampling_args(p)
+    p.add_argument("--no-cache", action="store_true", help="recompute every position (slow)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only linear layers (CPU)")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gptforge.generate import stream_text
+    from gptforge.loader import load
+
+    sampling = sampling_from_args(args)
+    model = load(args.model, device=args.device)
+    if args.quantize:
+        from gptforge.quantize import quantize_int8
+
+        model = quantize_int8(model)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for piece in stream_text(model, args.prompt, args.max_new_tokens, use_cache=not args.no_cache,
+                             **sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,70 @@
+"""Commands about model files: `info`, `download`, `convert` and `merge-lora`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("info", help="parameter counts and memory of a preset or checkpoint")
+    p.add_argument("model", help="preset name or model directory")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("download", help="download OpenAI's GPT-2 weights or a data set")
+    p.add_argument("name", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl (or 124M...), or a "
+                                "data set: the-verdict, sms-spam-collection, instruction-data, ...")
+    p.add_argument("--format", choices=["openai", "hf"], default="openai")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert", help="write a model in gptforge or Hugging Face format")
+    p.add_argument("source")
+    p.add_argument("out")
+    p.add_argument("--to", choices=["gptforge", "hf"], default="gptforge")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into a plain gptforge model")
+    p.add_argument("run", help="LoRA run directory (adapter.safetensors + gptforge.json)")
+    p.add_argument("out", help="directory for the merged model")
+    p.set_defaults(func=cmd_merge_lora)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from gptforge.info import model_info
+
+    for key, value in model_info(args.model).items():
+        print(f"{key:<34} {value}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from gptforge.config import canonical_preset
+    from gptforge.download import RESOURCES, download, download_gpt2
+    from gptforge.errors import BadInputError
+
+    if canonical_preset(args.name):
+        print(download_gpt2(args.name, fmt=args.format))
+    elif args.name in RESOURCES:
+        print(download(args.name))
+    else:
+        raise BadInputError(f"unknown download {args.name!r}; choose a GPT-2 size (gpt2-small ... "
+                            f"gpt2-xl, 124M ... 1558M) or one of: {', '.join(RESOURCES)}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from gptforge.convert import convert
+
+    print(convert(args.source, args.out, to=args.to))
+    return 0
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from gptforge.convert import convert
+    from gptforge.errors import BadInputError
+    from gptforge.loader import read_run
+
+    if not read_run(args.run).adapters_only:
+        raise BadInputError(f"{args.run} is not a LoRA run (its gptforge.json names no adapters); "
+                            f"it is a full model already")
+    print(convert(args.run, args.out))  # the base with the adapters folded in, the run's metadata kept
+    return 0

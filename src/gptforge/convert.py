@@ -1,0 +1,36 @@
+"""Write any loadable model in gptforge's format or Hugging Face's."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from gptforge.checkpoint import save_model
+from gptforge.errors import BadInputError
+from gptforge.loader import load, read_run
+from gptforge.pretrained.hf import save_hf
+
+FORMATS = ("gptforge", "hf")
+
+
+def convert(source: str | os.PathLike, out_dir: str | os.PathLike, to: str = "gptforge", *,
+            dtype: torch.dtype | None = None) -> Path:
+    """Load `source` (anything `gptforge.load` takes) and save it to `out_dir` in format `to`.
+
+    `to="gptforge"` writes gptforge.json + model.safetensors, keeping the run's
+    metadata (a LoRA run comes out merged, as a full model); `to="hf"` writes a
+    directory that `transformers.GPT2LMHeadModel.from_pretrained` loads. `dtype`
+    converts the weights (e.g. torch.float16 halves the size). Returns `out_dir`.
+    """
+    if to not in FORMATS:
+        raise BadInputError(f"unknown output format {to!r}; choose one of {', '.join(FORMATS)}")
+    model = load(source, dtype=dtype)
+    if to == "hf":
+        if model.out_head.out_features != model.cfg.vocab_size:
+            raise BadInputError(f"{source} is a classifier; only language models can be written "
+                                f"in Hugging Face's GPT-2 layout")
+        return save_hf(model, out_dir)
+    origin = str(Path(source).resolve()) if Path(source).exists() else str(source)
+    return save_model(model, out_dir, read_run(source).replace(lora=None, source=origin))

@@ -1,0 +1,205 @@
+"""The one way in: `load(source)` turns any model source into a ready GPTModel.
+
+Sources, and how each is read:
+- a preset name ("gpt2-small", "124M", ...): OpenAI's files are downloaded first;
+- OpenAI's TensorFlow checkpoint (hparams.json + model.ckpt.*) and Hugging Face
+  safetensors (config.json + model.safetensors, a sharded index, or one .safetensors
+  file): read into GPT-2's flat naming (pretrained/), mapped onto our names;
+- a gptforge model or run directory (gptforge.json + model.safetensors), a
+  classifier run among them;
+- a LoRA run (gptforge.json + adapter.safetensors): its base model is loaded
+  through this same function, wrapped with adapters as in training, and the saved
+  adapters (and a classifier's head) are put in.
+
+Every path ends in `checkpoint.build_model`, which builds the model on the meta
+device around the tensors read, so loading needs the model's size in memory once.
+`read_run(source)` gives a source's `RunMeta` without reading any weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gptforge.checkpoint import (
+    ADAPTER_NAME,
+    BASE_DIR,
+    META_NAME,
+    WEIGHTS_NAME,
+    RunMeta,
+    build_model,
+    is_gptforge_dir,
+    read_weights,
+)
+from gptforge.config import PRESET_ALIASES, PRESETS, GPTConfig, canonical_preset
+from gptforge.errors import CheckpointError, NotFoundError
+from gptforge.finetune.lora import apply_lora, lora_settings, merge_lora
+from gptforge.model import GPTModel
+from gptforge.pretrained.hf import (
+    CONFIG_NAME as HF_CONFIG_NAME,
+    WEIGHTS_INDEX_NAME,
+    config_from_hf,
+    read_hf_checkpoint,
+)
+from gptforge.pretrained.names import flat_to_gptforge
+from gptforge.pretrained.openai import HPARAMS_NAME, config_from_hparams, read_openai_checkpoint
+
+# OpenAI names its downloads by parameter count: "gpt2-small" -> "124M".
+_DOWNLOAD_SIZES: dict[str, str] = {preset: alias for alias, preset in PRESET_ALIASES.items()
+                                   if alias.endswith("M")}
+_LOOKED_FOR = (f"{META_NAME} + {WEIGHTS_NAME} or {ADAPTER_NAME} (gptforge), "
+               f"{HPARAMS_NAME} + model.ckpt.index (OpenAI's TensorFlow checkpoint), "
+               f"{HF_CONFIG_NAME} + model.safetensors or {WEIGHTS_INDEX_NAME} (Hugging Face), "
+               f"or a .safetensors file with {HF_CONFIG_NAME} beside it")
+
+
+def load(source: str | os.PathLike, *, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None, for_training: bool = False,
+         verify: bool = True, download_format: str = "openai") -> GPTModel:
+    """Load a GPTModel from any source (see the module docstring for the kinds).
+
+    The model comes in eval mode, with a LoRA run's adapters merged in. With
+    `for_training`, it comes in train mode and a LoRA run keeps its adapters
+    separate and trainable (the base frozen), as when it was saved. `dtype`
+    converts the weights (default: as stored). `verify=False` skips checking
+    the CRC-32Cs of TensorFlow files. A preset is downloaded in
+    `download_format` ("openai" or "hf") if it is not in the cache.
+    """
+    path = resolve(source, download_format)
+    kind = detect_format(path)
+    if kind == "gptforge":
+        model = _load_gptforge(path, device, dtype, for_training, verify)
+    else:
+        if kind == "openai":
+            cfg, flat = read_openai_checkpoint(path, verify=verify)
+        else:
+            cfg, flat = read_hf_checkpoint(path)
+        try:
+            state = flat_to_gptforge(flat, cfg, dtype=dtype, device=device)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        del flat  # drop the memory maps
+        model = build_model(cfg, state, where=str(path))
+    return model.train(for_training)
+
+
+def read_run(source: str | os.PathLike) -> RunMeta:
+    """The `RunMeta` of a source, read from its config files alone (nothing is downloaded).
+
+    For OpenAI and Hugging Face checkpoints and preset names it describes a plain
+    language model with that config.
+    """
+    path = Path(source)
+    preset = canonical_preset(str(source))
+    if preset is not None and not path.exists():
+        return RunMeta(model=GPTConfig.from_name(preset, drop_rate=0.0), base_model=preset)
+    kind = detect_format(path)
+    folder = path if path.is_dir() else path.parent
+    if kind == "gptforge":
+        return RunMeta.read(folder)
+    try:
+        if kind == "openai":
+            cfg = config_from_hparams(json.loads((folder / HPARAMS_NAME).read_text()))
+        else:
+            cfg = config_from_hf(json.loads((folder / HF_CONFIG_NAME).read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"the config file in {folder} is not valid JSON ({err})") from None
+    return RunMeta(model=cfg, source=str(path))
+
+
+def resolve(source: str | os.PathLike, download_format: str = "openai") -> Path:
+    """The local path of a source: the path itself, or a preset's downloaded folder."""
+    path = Path(source)
+    if path.exists() or path.with_name(path.name + ".index").is_file():
+        return path
+    preset = canonical_preset(str(source))
+    if preset is None:
+        names = ", ".join(list(PRESETS) + list(PRESET_ALIASES))
+        raise NotFoundError(f"cannot load {str(source)!r}: no such file or directory, and not a "
+                            f"preset name ({names}); a path should hold {_LOOKED_FOR}")
+    from gptforge.download import download_gpt2  # network code only when a download is asked for
+
+    return Path(download_gpt2(_DOWNLOAD_SIZES[preset], download_format))
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Say which kind of checkpoint `path` is: "gptforge", "openai" or "hf".
+
+    Raises NotFoundError listing what was looked for when it is none of them.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if is_gptforge_dir(path):
+            return "gptforge"
+        if (path / HPARAMS_NAME).is_file() and (
+                (path / "checkpoint").is_file() or any(path.glob("*.index"))):
+            return "openai"
+        if (path / HF_CONFIG_NAME).is_file() and (
+                (path / WEIGHTS_NAME).is_file() or (path / WEIGHTS_INDEX_NAME).is_file()):
+            return "hf"
+    elif path.suffix == ".safetensors" and path.is_file():
+        return "hf"
+    elif path.suffix == ".index" and path.is_file():
+        return "openai"
+    elif path.with_name(path.name + ".index").is_file():
+        return "openai"  # a checkpoint prefix
+    hint = ""
+    if path.is_dir() and not any(path.iterdir()):
+        hint = " (the directory is empty)"
+    raise NotFoundError(f"{path} is not a model checkpoint{hint}; looked for {_LOOKED_FOR}")
+
+
+def _load_gptforge(path: Path, device, dtype, for_training: bool, verify: bool) -> GPTModel:
+    meta = RunMeta.read(path)
+    if meta.adapters_only:
+        return _load_lora_run(path, meta, device, dtype, for_training, verify)
+    if for_training and meta.classifier is not None and meta.classifier.trainable == "lora":
+        raise CheckpointError(f"{path} is a LoRA classifier saved by gptforge 0.1 with its adapters "
+                              f"merged in; it loads for use, but training cannot resume from it: "
+                              f"start a new run with --model {path}")
+    state = read_weights(path / WEIGHTS_NAME, device)
+    model = build_model(meta.model, state, meta.num_outputs, meta.head_bias,
+                        where=str(path / WEIGHTS_NAME))
+    return model.to(dtype=dtype) if dtype else model
+
+
+def _load_lora_run(path: Path, meta: RunMeta, device, dtype, for_training: bool,
+                   verify: bool) -> GPTModel:
+    """The base model, wrapped with adapters as in training, holding the saved adapters."""
+    if not meta.base_model:
+        raise CheckpointError(f"{path / META_NAME} describes LoRA adapters but names no base_model")
+    base = path / BASE_DIR if meta.base_model == BASE_DIR else meta.base_model
+    try:
+        model = load(base, device=device, dtype=dtype, verify=verify)
+    except NotFoundError as err:
+        raise NotFoundError(f"{path} adapts the base model {meta.base_model!r}, which cannot be "
+                            f"loaded ({err}); put it back or edit 'base_model' in "
+                            f"{path / META_NAME}") from None
+    train_also: list[nn.Module] = []
+    if meta.num_outputs is not None:  # a classifier: its new head is trained and saved too
+        weight = model.out_head.weight
+        model.out_head = nn.Linear(model.cfg.emb_dim, meta.num_outputs, bias=meta.head_bias,
+                                   device=weight.device, dtype=weight.dtype)
+        train_also.append(model.out_head)
+    apply_lora(model, rank=meta.lora.rank, alpha=meta.lora.alpha, train_also=train_also)
+    if meta.lora.targets is not None and list(meta.lora.targets) != lora_settings(model)["targets"]:
+        raise CheckpointError(f"the base model {meta.base_model!r} does not have the layers the "
+                              f"adapters in {path} were trained for")
+    state = read_weights(path / ADAPTER_NAME, device)
+    own = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(own))
+    missing = sorted(name for name, p in own.items() if p.requires_grad and name not in state)
+    wrong = [n for n in state if n in own and state[n].shape != own[n].shape]
+    if unknown or missing or wrong:
+        raise CheckpointError(f"{path / ADAPTER_NAME} does not fit the model: missing "
+                              f"{missing or 'none'}, unexpected {unknown or 'none'}, wrong shape "
+                              f"{wrong or 'none'}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
+            own[name].requires_grad_(True)
+    return model if for_training else merge_lora(model)
