@@ -119,12 +119,12 @@ def run_gpt(out: Path) -> dict:
         raise SystemExit("gptforge finetune classify failed")
     seconds = time.perf_counter() - start
     metrics = json.loads((out / "test_metrics.json").read_text())
-    from gptforge.checkpoint import read_meta
+    from gptforge import read_run
 
-    meta = read_meta(out)
-    cfg = meta["model"]
-    return {"method": f"GPT from scratch ({cfg['n_layers']} layers, emb {cfg['emb_dim']}, "
-                      f"{meta['pooling']} pooling)",
+    meta = read_run(out)
+    cfg = meta.model
+    return {"method": f"GPT from scratch ({cfg.n_layers} layers, emb {cfg.emb_dim}, "
+                      f"{meta.classifier.pooling} pooling)",
             "val_accuracy": metrics["val_accuracy"], "test": metrics["test"], "seconds": seconds,
             "command": "gptforge " + " ".join(argv)}
 

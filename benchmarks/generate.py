@@ -1,6 +1,7 @@
 """Generation speed: gptforge (KV cache, no cache, int8) against Hugging Face transformers.
 
-Both load the same random gpt2-small weights (written once with `save_pretrained`).
+Both load the same random gpt2-small weights (written once with `save_pretrained`);
+gptforge through its public API only (`gptforge.load` + `gptforge.generate`).
 Every measurement runs in its own process, the engines alternate round by round, and
 the median tokens/s per engine is reported with its ratio to transformers.
 
@@ -25,14 +26,33 @@ from _common import make_gpt2_small_weights, run_worker
 PROMPT = "Every effort moves you"
 
 
+# Eight prompts of different lengths for the batched-generation comparison.
+BATCH_PROMPTS = [
+    "Every effort moves you",
+    "I had always thought Jack Gisburn rather a cheap genius",
+    "The",
+    "It was no great surprise to me to hear that, in the height of his glory, he had dropped his painting",
+    "Mrs. Gisburn",
+    "She glanced out almost",
+    "Poor Stroud! He had been the most",
+    "And then the light",
+]
+
+
 def worker(engine: str, weights: str, tokens: int) -> dict:
-    """Load, warm up, then time one generation of `tokens` new tokens at batch 1."""
+    """Load, warm up, then time one generation of `tokens` new tokens.
+
+    gptforge runs as a Python API user calls it: `gptforge.load` + `gptforge.generate`,
+    nothing else. "gptforge-batch8" generates for all of BATCH_PROMPTS in one call,
+    "gptforge-seq8" for each of them in turn; both report new tokens per second.
+    """
     import torch
 
     torch.manual_seed(0)
     from gptforge.tokenizer import get_tokenizer
 
-    ids = torch.tensor([get_tokenizer().encode(PROMPT)])
+    tok = get_tokenizer()
+    ids = torch.tensor([tok.encode(PROMPT)])
     if engine == "hf":
         from transformers import GPT2LMHeadModel
 
@@ -41,38 +61,42 @@ def worker(engine: str, weights: str, tokens: int) -> dict:
         def run(n):
             with torch.inference_mode():
                 return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      use_cache=True, pad_token_id=50256)
+                                      use_cache=True, pad_token_id=50256)[0, ids.shape[1]:].tolist()
     else:
-        from gptforge import generate, load_pretrained
-        from gptforge.generate import use_decode_layout
+        from gptforge import generate, load
 
-        model = load_pretrained(weights).eval()
+        model = load(weights)
         if engine == "gptforge-int8":
             from gptforge.quantize import quantize_int8
 
             model = quantize_int8(model)
-        else:  # as `gptforge generate` does
-            use_decode_layout(model)
+        prompts = [tok.encode(p) for p in BATCH_PROMPTS]
 
         def run(n):
-            return generate(model, ids, n, use_cache=engine != "gptforge-nocache")
-    run(5)  # warm-up: first-call allocations and kernel selection
+            if engine == "gptforge-batch8":
+                return [row[len(p):] for row, p in zip(generate(model, prompts, n), prompts)]
+            if engine == "gptforge-seq8":
+                return [generate(model, torch.tensor([p]), n)[0, len(p):].tolist() for p in prompts]
+            return generate(model, ids, n, use_cache=engine != "gptforge-nocache")[0, ids.shape[1]:].tolist()
+    run(5)  # warm-up: first-call allocations, kernel selection, the decode layout
     start = time.perf_counter()
-    out = run(tokens)
+    new = run(tokens)
     seconds = time.perf_counter() - start
-    assert out.shape[-1] == ids.shape[1] + tokens
-    return {"engine": engine, "tokens_per_s": tokens / seconds, "new_ids": out[0, ids.shape[1]:].tolist()}
+    rows = new if isinstance(new[0], list) else [new]
+    assert all(len(r) == tokens for r in rows)
+    return {"engine": engine, "tokens_per_s": sum(map(len, rows)) / seconds, "new_ids": rows,
+            "threads": torch.get_num_threads()}
 
 
 def perplexity_check(run_dir: str) -> dict:
-    from gptforge import load_pretrained
+    from gptforge import load
     from gptforge.download import download
     from gptforge.evaluate import evaluate_string
     from gptforge.quantize import quantize_int8
 
     text = download("the-verdict").read_text(encoding="utf-8")
     val = text[int(0.9 * len(text)):]
-    model = load_pretrained(run_dir).eval()
+    model = load(run_dir)
     fp32 = evaluate_string(model, val)["perplexity"]
     int8 = evaluate_string(quantize_int8(model), val)["perplexity"]
     return {"fp32_ppl": fp32, "int8_ppl": int8, "relative_change": int8 / fp32 - 1}
@@ -113,7 +137,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=100)
-    p.add_argument("--engines", nargs="+", default=["hf", "gptforge", "gptforge-int8"])
+    p.add_argument("--engines", nargs="+",
+                   default=["hf", "gptforge", "gptforge-int8", "gptforge-batch8", "gptforge-seq8"])
     p.add_argument("--nocache-rounds", type=int, default=1, help="gptforge without cache (slow)")
     p.add_argument("--trained-run", default=None)
     p.add_argument("--bandwidth", action="store_true", help="also time the layers' products alone")
@@ -140,11 +165,17 @@ def main() -> None:
     if results:
         print_table(results, hf, args.tokens)
     if "hf" in new_ids:
-        for engine, ids in new_ids.items():
-            if engine != "hf":
-                same = sum(a == b for a, b in zip(ids, new_ids["hf"]))
-                print(f"{engine}: {same} of {len(ids)} greedy tokens equal transformers' "
-                      f"({len(set(ids))} distinct)")
+        for engine, rows in new_ids.items():
+            if engine != "hf" and len(rows) == 1:
+                same = sum(a == b for a, b in zip(rows[0], new_ids["hf"][0]))
+                print(f"{engine}: {same} of {len(rows[0])} greedy tokens equal transformers' "
+                      f"({len(set(rows[0]))} distinct)")
+    if "gptforge-batch8" in new_ids and "gptforge-seq8" in new_ids:
+        same = new_ids["gptforge-batch8"] == new_ids["gptforge-seq8"]
+        ratio = statistics.median(results["gptforge-batch8"]) / statistics.median(results["gptforge-seq8"])
+        print(f"8 prompts of {min(map(len, BATCH_PROMPTS))}-{max(map(len, BATCH_PROMPTS))} characters: "
+              f"one batched call {ratio:.2f}x the tokens/s of one call per prompt; "
+              f"greedy tokens {'identical' if same else 'DIFFERENT'}")
     if args.bandwidth:
         bandwidth()
     if args.trained_run:
@@ -153,7 +184,8 @@ def main() -> None:
 
 
 def print_table(results: dict[str, list[float]], hf: float | None, tokens: int) -> None:
-    print(f"\nbatch 1, {tokens} new tokens, gpt2-small float32 weights, median of runs\n")
+    print(f"\n{tokens} new tokens per prompt, gpt2-small float32 weights, median of runs "
+          f"(batch 1 unless named batch8/seq8)\n")
     print("| engine | tokens/s (median) | runs | vs transformers |")
     print("| --- | --- | --- | --- |")
     for engine, values in results.items():

@@ -45,10 +45,15 @@ def _peak_rss_mib() -> float:
 
 def train_worker(kind: str, steps: int, rank: int) -> dict:
     """Train `steps` steps (full or LoRA) in this process; return speed and memory."""
-    from gptforge.finetune.instruct import (InstructionDataset, instruction_collate,
-                                            instruction_loss, load_instruction_data, split_data)
+    from gptforge.finetune.instruct import (
+        InstructionDataset,
+        instruction_collate,
+        instruction_loss,
+        load_instruction_data,
+        split_data,
+    )
     from gptforge.finetune.lora import apply_lora, count_trainable
-    from gptforge.training import Trainer, TrainConfig
+    from gptforge.training import TrainConfig, Trainer
 
     rss_start = _peak_rss_mib()
     model = _model()
@@ -85,12 +90,19 @@ def sorting_worker(gen_prompts: int, gen_tokens: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from gptforge.finetune.instruct import (IGNORE_INDEX, InstructionDataset, collate_instructions,
-                                            generate_responses, length_sorted_batches,
-                                            load_instruction_data, response_loss, split_data)
+    from gptforge.data import ResumableBatchSampler
+    from gptforge.finetune.instruct import (
+        IGNORE_INDEX,
+        InstructionDataset,
+        collate_instructions,
+        generate_responses,
+        length_sorted_batches,
+        load_instruction_data,
+        response_loss,
+        split_data,
+    )
     from gptforge.finetune.templates import get_template
     from gptforge.tokenizer import get_tokenizer
-    from gptforge.training import ResumableBatchSampler
 
     model = _model().eval()
     test = split_data(load_instruction_data()).test

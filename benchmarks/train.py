@@ -60,12 +60,12 @@ def worker(engine: str, weights: str, steps: int) -> dict:
             logits = model(batch[:, :-1]).logits
             return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
     else:
-        from gptforge import load_pretrained
-        from gptforge.pretrain import set_dropout
-        from gptforge.training import tune_malloc
+        from gptforge import load
+        from gptforge.model import set_dropout
+        from gptforge.runtime import tune_malloc
 
         tune_malloc()  # part of gptforge's training loop on the CPU
-        model = load_pretrained(weights)
+        model = load(weights, for_training=True)
         set_dropout(model, 0.1)
         optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1, fused=True)
 

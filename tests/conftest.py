@@ -1,22 +1,69 @@
-"""Shared test setup: offline data mirror, a private cache, small models."""
+"""Shared test setup: where test data comes from, a private cache, small models.
+
+Data reaches tests only through gptforge's own `download`, by way of the `fetch` fixture:
+from the mirror when there is one, otherwise from the real URLs. A test whose data no
+source can deliver is skipped with a reason, so the suite runs on any machine.
+
+The mirror is, in order: `GPTFORGE_DATA_MIRROR` as the user set it; else the project's
+shared data folder next to the checkout, if present. Set `GPTFORGE_TEST_NO_MIRROR=1` to
+ignore that folder and run the suite as a machine without it would: from the real URLs, or,
+with no internet either, with every data-needing test skipped.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from gptforge.download import MIRROR_ENV, RESOURCES, ChecksumError, DownloadError, download
+
+# The one place the suite names the shared data folder: the default mirror, nothing more.
+_DEFAULT_MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Each URL gets this long to answer before the next is tried, so an offline run skips soon.
+FETCH_TIMEOUT_S = 10.0
+
+
+def _test_mirror() -> str | None:
+    """The mirror the tests use: the user's `GPTFORGE_DATA_MIRROR` wins over the default."""
+    user = os.environ.get(MIRROR_ENV, "").strip()
+    if user:
+        return user
+    if os.environ.get("GPTFORGE_TEST_NO_MIRROR") == "1" or not _DEFAULT_MIRROR.is_dir():
+        return None
+    return str(_DEFAULT_MIRROR)
+
+
+# Read once at import, before any test changes the environment.
+DATA_MIRROR = _test_mirror()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "needs_data(*names): the test's code downloads these resources itself (a CLI run, say); "
+        "they are fetched first, and the test skips if that is impossible",
+    )
 
 
 @pytest.fixture(autouse=True)
-def _offline_data(tmp_path_factory, monkeypatch):
-    """Every test downloads from ../shared/data into a cache of its session, never the web."""
-    if SHARED_DATA.is_dir():
-        monkeypatch.setenv("GPTFORGE_DATA_MIRROR", str(SHARED_DATA))
+def _data_source(request, tmp_path_factory, monkeypatch):
+    """Every test downloads through the test mirror (if any) into a cache of its session.
+
+    Resources named by a `needs_data` mark are fetched into that cache first, so code under
+    test finds them there, and the test skips with a reason when they cannot be had.
+    """
+    if DATA_MIRROR is None:
+        monkeypatch.delenv(MIRROR_ENV, raising=False)
+    else:
+        monkeypatch.setenv(MIRROR_ENV, DATA_MIRROR)
     monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    for mark in request.node.iter_markers("needs_data"):
+        for name in mark.args:
+            request.getfixturevalue("fetch")(name)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,6 +75,46 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def fetch(tmp_path_factory) -> Callable[[str], Path]:
+    """`fetch(name)`: the path of resource `name`, downloaded by gptforge into the session cache.
+
+    When no source delivers it (no mirror, no internet) the calling test is skipped, and
+    later tests needing the same resource skip at once instead of trying again. Wrong bytes,
+    from a URL or from the mirror, are a failure, not a skip.
+    """
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    unreachable: dict[str, str] = {}
+
+    def fetch(name: str) -> Path:
+        if name in unreachable:
+            pytest.skip(unreachable[name])
+        with pytest.MonkeyPatch.context() as mp:
+            if DATA_MIRROR is None:
+                mp.delenv(MIRROR_ENV, raising=False)
+            else:
+                mp.setenv(MIRROR_ENV, DATA_MIRROR)
+            try:
+                return download(name, cache_dir=cache, progress=False, timeout=FETCH_TIMEOUT_S)
+            except ChecksumError:
+                raise
+            except DownloadError as exc:
+                # download's message lists each source tried as "  - source: error".
+                tried = [line.strip()[2:] for line in str(exc).splitlines()
+                         if line.startswith("  - ")]
+                if any("mismatch" in error for error in tried):
+                    raise  # a bad mirror copy is wrong bytes, not missing data
+                errors = dict.fromkeys(t.split(": ", 1)[-1] for t in tried)  # URLs hold no ": "
+                unreachable[name] = (
+                    f"needs data {name!r}, which no source delivered ({'; '.join(errors)}); "
+                    f"set {MIRROR_ENV} to a folder holding {RESOURCES[name].path!r}, "
+                    "or connect to the internet"
+                )
+        pytest.skip(unreachable[name])
+
+    return fetch
+
+
 @pytest.fixture
 def tiny_cfg():
     from gptforge import GPTConfig
@@ -37,11 +124,8 @@ def tiny_cfg():
 
 
 @pytest.fixture
-def verdict_text() -> str:
-    path = SHARED_DATA / "the-verdict.txt"
-    if not path.is_file():
-        pytest.skip("../shared/data is not here")
-    return path.read_text(encoding="utf-8")
+def verdict_text(fetch) -> str:
+    return fetch("the-verdict").read_text(encoding="utf-8")
 
 
 @pytest.fixture(autouse=True)

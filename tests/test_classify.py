@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptforge import GPTConfig, GPTModel
-from gptforge import load
+from gptforge import GPTConfig, GPTModel, load
 from gptforge.checkpoint import ClassifierSettings, RunMeta, save_model
 from gptforge.cli import main
 from gptforge.finetune.classify import (
@@ -88,6 +87,7 @@ def _toy_rows(n: int = 24) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------
 # data
 
+@pytest.mark.needs_data("sms-spam-collection")
 def test_spam_split_follows_the_book():
     splits = sms_spam_splits()
     assert (len(splits.train), len(splits.val), len(splits.test)) == (1045, 149, 300)
@@ -100,6 +100,7 @@ def test_spam_split_follows_the_book():
     assert _fingerprint(sms_spam_splits(seed=1)) != _fingerprint(splits)
 
 
+@pytest.mark.needs_data("sms-spam-collection")
 @pytest.mark.parametrize("book_quoting", [False, True])
 def test_spam_split_equals_pandas(book_quoting):
     assert _fingerprint(sms_spam_splits(book_quoting=book_quoting)) == PANDAS_SPLIT_SHA256[book_quoting]
@@ -118,6 +119,7 @@ def test_spam_split_equals_pandas_live():
     assert list(zip(balanced["Text"], balanced["Label"])) == ours.train + ours.val + ours.test
 
 
+@pytest.mark.needs_data("sms-spam-collection")
 def test_spam_file_quoting():
     plain, book = read_sms_spam(), read_sms_spam(book_quoting=True)
     assert len(plain) == 5574 and Counter(lbl for _, lbl in plain) == {"ham": 4827, "spam": 747}
@@ -271,6 +273,7 @@ def test_save_classifier_and_predict(tmp_path):
 # ------------------------------------------------------------------------------------
 # the commands
 
+@pytest.mark.needs_data("sms-spam-collection")
 def test_finetune_and_classify_end_to_end(tmp_path, capsys):
     run = tmp_path / "spam"
     assert main(["finetune", "classify", *TINY, "--max-steps", "3", "--eval-every", "2",

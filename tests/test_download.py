@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,11 +26,7 @@ from gptforge.download import (
     gpt2_resources,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_shared_data = pytest.mark.skipif(
-    not (SHARED_DATA / "the-verdict.txt").is_file(),
-    reason=f"offline data copies not found at {SHARED_DATA}",
-)
+Fetch = Callable[[str], Path]  # conftest's `fetch` fixture
 
 PAYLOAD = bytes(range(256)) * 400  # 102400 bytes, several read chunks
 
@@ -319,11 +315,19 @@ def test_disk_full_gives_a_clear_message(
     assert "GPTFORGE_CACHE" in str(info.value)
 
 
-@needs_shared_data
+def mirror_of(folder: Path, fetch: Fetch, *names: str) -> Path:
+    """A mirror folder in `folder` holding real copies of the named resources at their paths."""
+    folder.mkdir()
+    for name in names:
+        (folder / dl.RESOURCES[name].path).write_bytes(fetch(name).read_bytes())
+    return folder
+
+
 def test_local_mirror_serves_the_verdict_without_network(
-    cache: Path, monkeypatch: pytest.MonkeyPatch
+    cache: Path, tmp_path: Path, fetch: Fetch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("GPTFORGE_DATA_MIRROR", str(SHARED_DATA))
+    mirror = mirror_of(tmp_path / "mirror", fetch, "the-verdict")
+    monkeypatch.setenv("GPTFORGE_DATA_MIRROR", str(mirror))
     monkeypatch.setattr(dl.urllib.request, "urlopen", no_network)
 
     path = download("the-verdict", progress=False)
@@ -332,11 +336,11 @@ def test_local_mirror_serves_the_verdict_without_network(
     assert dl.file_sha256(path) == dl.RESOURCES["the-verdict"].sha256
 
 
-@needs_shared_data
 def test_sms_member_is_extracted_and_verified(
-    cache: Path, monkeypatch: pytest.MonkeyPatch
+    cache: Path, tmp_path: Path, fetch: Fetch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("GPTFORGE_DATA_MIRROR", str(SHARED_DATA))
+    mirror = mirror_of(tmp_path / "mirror", fetch, "sms-spam-collection")
+    monkeypatch.setenv("GPTFORGE_DATA_MIRROR", str(mirror))
     monkeypatch.setattr(dl.urllib.request, "urlopen", no_network)
 
     member = extract_member("sms-spam-collection", progress=False)
@@ -429,14 +433,15 @@ def test_gpt2_resources_layout() -> None:
         gpt2_resources("124M", fmt="pickle")
 
 
-@needs_shared_data
 def test_download_gpt2_from_http_mirror(
-    server: LocalServer, cache: Path, monkeypatch: pytest.MonkeyPatch
+    server: LocalServer, cache: Path, fetch: Fetch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Only the tokenizer files have known checksums, so only they must be the real bytes.
+    real = {"encoder.json": "gpt2-encoder", "vocab.bpe": "gpt2-vocab"}
     monkeypatch.setenv("GPTFORGE_DATA_MIRROR", server.url("/mirror"))
     for res in gpt2_resources("124M"):
         name = Path(res.path).name
-        data = (SHARED_DATA / name).read_bytes() if res.sha256 else f"fake {name}".encode()
+        data = fetch(real[name]).read_bytes() if res.sha256 else f"fake {name}".encode()
         server.serve(f"/mirror/{res.path}", data)
 
     folder = download_gpt2("124M", progress=False)
@@ -462,10 +467,10 @@ def test_resource_table_matches_sources() -> None:
     assert len(sms.urls) == 2
 
 
-@needs_shared_data
 @pytest.mark.parametrize("name", [n for n, r in dl.RESOURCES.items() if r.sha256])
-def test_resource_checksums_match_offline_copies(name: str) -> None:
+def test_resource_checksums_match_the_files(name: str, fetch: Fetch) -> None:
+    """The table's sizes and hashes are those of the files the mirror or the URLs deliver."""
     res = dl.RESOURCES[name]
-    copy = SHARED_DATA / res.path
+    copy = fetch(name)  # wrong bytes fail here, with both hashes in the message
     assert copy.stat().st_size == res.size
     assert dl.file_sha256(copy) == res.sha256

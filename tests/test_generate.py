@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from gptforge import GPTModel, generate, generate_stream, sample, stream_text
-from gptforge.generate import filter_logits
+from gptforge.generate import DecodeLinear, filter_logits, use_decode_layout
 
 
 @pytest.fixture
@@ -12,8 +12,16 @@ def model(tiny_cfg):
     return GPTModel(tiny_cfg).eval()
 
 
-def test_greedy_cache_equals_no_cache_past_the_context(model, tiny_cfg):
-    idx = torch.randint(0, tiny_cfg.vocab_size, (3, 10))
+@pytest.fixture
+def small_vocab_model(tiny_cfg):
+    """The tiny model with 512 tokens: long generations without a cache stay fast."""
+    torch.manual_seed(1)
+    return GPTModel(tiny_cfg.replace(vocab_size=512)).eval()
+
+
+def test_greedy_cache_equals_no_cache_past_the_context(small_vocab_model, tiny_cfg):
+    model = small_vocab_model
+    idx = torch.randint(0, 512, (3, 10))
     n = 2 * tiny_cfg.context_length  # runs well past the 32-token context
     cached = generate(model, idx, n, use_cache=True)
     plain = generate(model, idx, n, use_cache=False)
@@ -27,6 +35,52 @@ def test_batch_rows_match_single_prompts(model, tiny_cfg):
     both = generate(model, idx, 8)
     for row in range(2):
         assert torch.equal(both[row], generate(model, idx[row], 8))
+
+
+def test_prompts_of_different_lengths_each_get_their_own_tokens(tiny_cfg):
+    # Context 64: the 60-token prompt runs past it, the others stay within.
+    torch.manual_seed(1)
+    model = GPTModel(tiny_cfg.replace(context_length=64, vocab_size=512)).eval()
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (1, 5, 17, 60)]
+    alone = [generate(model, torch.tensor(p), 20).tolist() for p in prompts]
+    assert alone[3] == generate(model, torch.tensor(prompts[3]), 20, use_cache=False).tolist()
+    for use_cache in (True, False):
+        assert generate(model, prompts, 20, use_cache=use_cache) == alone
+        steps = list(generate_stream(model, prompts, 20, use_cache=use_cache))
+        assert torch.stack(steps, dim=1).tolist() == [a[len(p):] for a, p in zip(alone, prompts)]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_every_step_of_every_row_sees_its_own_last_tokens(tiny_cfg, use_cache):
+    # Greedy tokens of a random model soon repeat; comparing the logits of given (random)
+    # continuations checks every step. Context 16: the third row runs past it.
+    from gptforge.generate import decode_one, prefill
+
+    model = GPTModel(tiny_cfg.replace(context_length=16, vocab_size=512)).eval()
+    ctx = 16
+    tokens = torch.randint(0, 512, (3, 22))  # each row's ids, right-padded
+    lengths = [1, 6, 14]  # the prompts: each row's first ids
+    cache = model.new_cache(3) if use_cache else None
+    with torch.inference_mode():
+        if use_cache:
+            logits = prefill(model, cache, tokens[:, :14], lengths)
+        else:
+            logits = decode_one(model, None, tokens, lengths)
+        for _ in range(8):
+            for row, n in enumerate(lengths):
+                alone = model(tokens[row:row + 1, max(0, n - ctx):n])[0, -1]
+                assert (logits[row] - alone).abs().max() < 1e-5
+            lengths = [n + 1 for n in lengths]
+            logits = decode_one(model, cache, tokens, lengths)
+
+
+def test_list_prompts_end_at_their_eos(model, tiny_cfg):
+    prompts = [torch.randint(0, tiny_cfg.vocab_size, (n,)).tolist() for n in (3, 8)]
+    first = generate(model, [prompts[0]], 6)[0][3:]
+    eos = first[2]  # the first row's third new token
+    out = generate(model, prompts, 6, eos_id=eos)
+    assert out[0] == prompts[0] + first[:first.index(eos) + 1]
+    assert len(out[1]) == 8 + 6 or out[1][-1] == eos
 
 
 def test_seeded_sampling_is_reproducible(model, tiny_cfg):
@@ -106,33 +160,105 @@ def test_int8_generation_and_evaluation_work(model, tiny_cfg, verdict_text):
     assert abs(int8["loss"] - fp32["loss"]) < 0.05 * fp32["loss"]
 
 
-def test_decode_layout_changes_memory_order_not_results(model, tiny_cfg, monkeypatch):
-    from gptforge.generate import DecodeLinear, use_decode_layout
+def test_int8_quantization_after_generating(model, tiny_cfg):
+    from gptforge.quantize import quantize_int8
 
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 5))
+    expected = generate(model, idx, 8)  # puts the model's linear layers in the decode layout
+    q = quantize_int8(model)
+    assert "quantized" in type(q.blocks[0].attn.qkv).__module__  # DecodeLinear layers too
+    assert "quantized" in type(q.out_head).__module__
+    out = generate(q, idx, 8)
+    assert out.shape == (2, 13) and torch.equal(out[:, :5], idx)
+    assert isinstance(model.blocks[0].attn.qkv, DecodeLinear)  # the original is left as it was
+    assert torch.equal(generate(model, idx, 8), expected)
+
+
+def _greedy_by_full_forwards(model, idx, n):
+    """The definition of greedy decoding: the argmax of a full forward pass, n times."""
+    for _ in range(n):
+        idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def test_decode_layout_changes_memory_order_not_results(model, tiny_cfg, monkeypatch):
     monkeypatch.setattr(DecodeLinear, "min_split_size", 1)  # split even the tiny model's layers
 
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 5))
-    before = generate(model, idx, 12)
-    logits = model(idx)
+    with torch.no_grad():
+        before = _greedy_by_full_forwards(model, idx, 12)
+        logits = model(idx)
     names = [name for name, _ in model.named_parameters()]
     use_decode_layout(model, parts=2)
     assert isinstance(model.blocks[0].attn.qkv, DecodeLinear) and model.blocks[0].attn.qkv.parts == 2
     assert not model.blocks[0].attn.qkv.weight.is_contiguous()
     assert [name for name, _ in model.named_parameters()] == names
     assert model.out_head.weight is model.emb.tok.weight  # still tied
-    assert torch.allclose(model(idx), logits, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(model(idx), logits, atol=1e-5)
     assert torch.equal(generate(model, idx, 12), before)
+
+
+def _decode_linears(model):
+    return [m for m in model.modules() if isinstance(m, DecodeLinear)]
+
+
+def test_generation_is_fast_by_default_and_training_undoes_it(tiny_cfg):
+    def fresh():
+        torch.manual_seed(3)
+        model = GPTModel(tiny_cfg.replace(vocab_size=128))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    batch = torch.randint(0, 128, (2, 12))
+
+    def train(model, opt, steps):
+        losses = []
+        for _ in range(steps):
+            model.train()  # as the Trainer does every step
+            logits = model(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    model, opt = fresh()
+    params = list(model.parameters())
+    losses = train(model, opt, 3)
+    generate(model, batch[:1, :4], 5)
+    layers = _decode_linears(model)
+    assert len(layers) == 4 * tiny_cfg.n_layers + 1  # every linear layer, the output head too
+    assert all(layer.weight.t().is_contiguous() and not layer.weight.is_contiguous() for layer in layers)
+    assert model.out_head.weight is model.emb.tok.weight
+    losses += train(model, opt, 3)
+    assert all(layer.weight.is_contiguous() for layer in layers)  # back in the standard layout
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]  # the same Parameters
+    assert model.out_head.weight is model.emb.tok.weight
+    generate(model, batch[:1, :4], 5)  # generating again re-applies the decode layout
+    assert all(layer.weight.t().is_contiguous() for layer in layers)
+
+    never_generated, opt = fresh()
+    expected = train(never_generated, opt, 6)
+    assert losses == pytest.approx(expected, abs=1e-6)
+    assert losses[-1] < losses[0]  # it did train
+    model.train()
+    for p, q in zip(model.parameters(), never_generated.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_decode_linear_split_products_equal_linear(rows):
-    from gptforge.generate import DecodeLinear
-
     layer = nn.Linear(256, 768)
     x = torch.randn(rows, 1, 256)
     expected = layer(x)
     split = DecodeLinear(layer, parts=4)
     assert split.weight is layer.weight and split.parts == 4
     assert torch.allclose(split(x), expected, atol=1e-5)
+    split.eval()
+    assert split.weight.t().is_contiguous()  # eval mode keeps the decode layout
+    split.train()
+    assert split.weight.is_contiguous() and split.weight is layer.weight
+    assert torch.allclose(split(x), expected, atol=1e-5)  # the standard layout's plain product
     assert DecodeLinear(nn.Linear(250, 768), parts=4).parts == 1  # 250 inputs do not split in 4
     assert DecodeLinear(nn.Linear(64, 96), parts=4).parts == 1  # too small to gain from it

@@ -5,21 +5,29 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from gptforge import GPTConfig, GPTModel
-from gptforge.checkpoint import save_model
+from gptforge import GPTConfig, GPTModel, load, read_run
+from gptforge.checkpoint import RunMeta, save_model
 from gptforge.cli import main
-from gptforge.finetune.instruct import (IGNORE_INDEX, InstructionDataset, chat_prompt,
-                                        check_entries, collate_instructions, encode_entry,
-                                        generate_responses, length_sorted_batches,
-                                        load_instruction_data, read_splits, response_loss,
-                                        split_data, write_splits)
-from gptforge.finetune.lora import (apply_lora, count_trainable, is_lora_run, load_lora_run,
-                                    merge_lora, save_lora)
+from gptforge.finetune.instruct import (
+    IGNORE_INDEX,
+    InstructionDataset,
+    chat_prompt,
+    check_entries,
+    collate_instructions,
+    encode_entry,
+    generate_responses,
+    length_sorted_batches,
+    load_instruction_data,
+    read_splits,
+    response_loss,
+    split_data,
+    write_splits,
+)
+from gptforge.finetune.lora import apply_lora, count_trainable, merge_lora
 from gptforge.finetune.templates import get_template
 from gptforge.tokenizer import EOT_ID, get_tokenizer
 
@@ -52,14 +60,9 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def instruction_data(tmp_path_factory):
-    # Module scope runs before conftest's per-test offline setup: do the same here.
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    with pytest.MonkeyPatch.context() as mp:
-        if shared.is_dir():
-            mp.setenv("GPTFORGE_DATA_MIRROR", str(shared))
-        mp.setenv("GPTFORGE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        return load_instruction_data()
+def instruction_data(fetch):
+    """The book's instruction-data.json, fetched by gptforge (the test skips if it cannot be)."""
+    return load_instruction_data(fetch("instruction-data"))
 
 
 # ------------------------------------------------------------------------------------
@@ -122,22 +125,22 @@ def test_bad_entries_are_named():
 
 def test_collate_matches_the_book():
     inputs, targets = collate_instructions([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
-    E, I = EOT_ID, IGNORE_INDEX
+    E, X = EOT_ID, IGNORE_INDEX
     assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]]
-    assert targets.tolist() == [[1, 2, 3, 4, E], [6, E, I, I, I], [8, 9, E, I, I]]
+    assert targets.tolist() == [[1, 2, 3, 4, E], [6, E, X, X, X], [8, 9, E, X, X]]
 
 
 def test_collate_masks_prompt_and_truncates():
-    E, I = EOT_ID, IGNORE_INDEX
+    E, X = EOT_ID, IGNORE_INDEX
     batch = [([0, 1, 2, 3, 4], 3), ([5, 6], 1), ([7, 8, 9], 2)]
     _, targets = collate_instructions(batch, mask_prompt=True)
     # prompt of 3 tokens: the targets 1 and 2 are prompt tokens; 3, 4 and the end remain
-    assert targets.tolist() == [[I, I, 3, 4, E], [6, E, I, I, I], [I, 9, E, I, I]]
+    assert targets.tolist() == [[X, X, 3, 4, E], [6, E, X, X, X], [X, 9, E, X, X]]
     inputs, targets = collate_instructions(batch, mask_prompt=True, max_length=3)
     assert inputs.tolist() == [[0, 1, 2], [5, 6, E], [7, 8, 9]]
-    assert targets.tolist() == [[I, I, 3], [6, E, I], [I, 9, E]]
+    assert targets.tolist() == [[X, X, 3], [6, E, X], [X, 9, E]]
     _, unmasked = collate_instructions(batch, mask_prompt=False)
-    assert unmasked.tolist() == [[1, 2, 3, 4, E], [6, E, I, I, I], [8, 9, E, I, I]]
+    assert unmasked.tolist() == [[1, 2, 3, 4, E], [6, E, X, X, X], [8, 9, E, X, X]]
 
 
 def test_collate_on_real_entries_keeps_exactly_the_response():
@@ -213,7 +216,7 @@ def test_lora_at_init_changes_nothing():
 
 
 def test_lora_training_step_changes_only_adapters():
-    from gptforge.pretrain import lm_loss
+    from gptforge.training import lm_loss
 
     model = apply_lora(tiny_model(), rank=4, alpha=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -227,9 +230,7 @@ def test_lora_training_step_changes_only_adapters():
 
 
 def test_lora_merged_equals_unmerged_and_save_load_round_trip(tmp_path, tiny_dir):
-    from gptforge.checkpoint import load_model
-
-    model = apply_lora(load_model(tiny_dir), rank=4, alpha=8)
+    model = apply_lora(load(tiny_dir), rank=4, alpha=8)
     with torch.no_grad():  # give the adapters non-zero updates
         for name, p in model.named_parameters():
             if name.endswith(".B"):
@@ -237,8 +238,9 @@ def test_lora_merged_equals_unmerged_and_save_load_round_trip(tmp_path, tiny_dir
     model.eval()
     ids, _ = _batch()
     lora_logits = model(ids)
-    save_lora(model, tmp_path / "run", base_model=str(tiny_dir), step=7)
-    assert is_lora_run(tmp_path / "run")
+    save_model(model, tmp_path / "run", RunMeta(model=model.cfg, base_model=str(tiny_dir.resolve()),
+                                                step=7))
+    assert read_run(tmp_path / "run").adapters_only
     files = {p.name for p in (tmp_path / "run").iterdir()}
     assert files == {"adapter.safetensors", "gptforge.json"}
     from safetensors.torch import load_file
@@ -249,11 +251,13 @@ def test_lora_merged_equals_unmerged_and_save_load_round_trip(tmp_path, tiny_dir
     assert meta["lora"]["rank"] == 4 and meta["lora"]["alpha"] == 8.0 and meta["step"] == 7
     assert meta["base_model"] == str(tiny_dir.resolve())
 
-    loaded = load_lora_run(tmp_path / "run").eval()
+    loaded = load(tmp_path / "run", for_training=True).eval()  # adapters kept apart, trainable
     assert torch.allclose(loaded(ids), lora_logits, atol=1e-6)
     assert all(p.requires_grad == n.endswith((".A", ".B")) for n, p in loaded.named_parameters())
-    merged = merge_lora(loaded).eval()
+    merged = load(tmp_path / "run")  # folded in, as every command uses it
+    assert not any(n.endswith((".A", ".B")) for n, _ in merged.named_parameters())
     assert torch.allclose(merged(ids), lora_logits, atol=1e-5)
+    assert torch.allclose(merge_lora(loaded).eval()(ids), lora_logits, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------
@@ -265,6 +269,7 @@ def _train(tiny_dir, out, *extra):
                  "--max-test", "3", "--max-new-tokens", "6", "--no-progress", *extra])
 
 
+@pytest.mark.needs_data("instruction-data")
 def test_finetune_ask_evaluate_end_to_end(tiny_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(tiny_dir, run, "--mask-prompt") == 0
@@ -294,6 +299,7 @@ def test_finetune_ask_evaluate_end_to_end(tiny_dir, tmp_path, capsys):
     assert "ROUGE-L" in capsys.readouterr().out
 
 
+@pytest.mark.needs_data("instruction-data")
 def test_lora_run_resume_and_merge(tiny_dir, tmp_path, capsys):
     run = tmp_path / "lora"
     assert _train(tiny_dir, run, "--lora-rank", "4", "--lora-alpha", "8", "--stop-after", "1") == 0

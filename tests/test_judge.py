@@ -12,9 +12,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from gptforge.cli import main
-from gptforge.finetune.judge import (JudgeCache, JudgeClient, JudgeError, bootstrap_ci,
-                                     evaluate_responses, exact_match, judge_endpoint, judge_prompt,
-                                     lcs_length, parse_score, rouge_l_f1)
+from gptforge.finetune.judge import (
+    JudgeCache,
+    JudgeClient,
+    JudgeError,
+    bootstrap_ci,
+    evaluate_responses,
+    exact_match,
+    judge_endpoint,
+    judge_prompt,
+    lcs_length,
+    parse_score,
+    rouge_l_f1,
+)
 
 # ------------------------------------------------------------------------------------
 # offline metrics

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 
 from gptforge import GPTConfig, GPTModel
 
@@ -30,35 +29,81 @@ def test_explicit_and_sdpa_attention_agree(tiny_cfg):
     assert (sdpa(idx) - math_(idx)).abs().max() < 1e-5
 
 
-def test_kv_cache_forward_equals_full_forward(tiny_cfg):
-    model = GPTModel(tiny_cfg).eval()
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_kv_cache_forward_in_chunks_equals_full_forward(tiny_cfg, impl):
+    model = GPTModel(tiny_cfg.replace(attn_impl=impl)).eval()
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 16))
     full = model(idx)
-    model.setup_cache(2)
-    pieces = [model(idx[:, :5], start_pos=0), model(idx[:, 5:6], start_pos=5),
-              model(idx[:, 6:16], start_pos=6)]  # a multi-token chunk after a prefix uses a mask
+    cache = model.new_cache(2)
+    pieces = [model(idx[:, :5], cache, positions=0), model(idx[:, 5:6], cache, positions=5),
+              model(idx[:, 6:16], cache, positions=6)]  # a multi-token chunk after a prefix uses a mask
     assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-5
 
 
+def _rows_at_their_own_positions(model, seqs, prefix):
+    """Prefill each row's first prefix[b] tokens (right-padded, one call), then feed every
+    row its next 3 tokens and then 1 more, each at the row's own positions (one call each)."""
+    cache = model.new_cache(len(seqs))
+    width = max(prefix)
+    padded = torch.stack([torch.cat([s[:n], s[:width - n]]) for s, n in zip(seqs, prefix)])  # junk pads
+    model(padded, cache, positions=0)
+    positions = torch.tensor(prefix)
+    chunk = torch.stack([s[n:n + 3] for s, n in zip(seqs, prefix)])  # (B, 3)
+    three = model(chunk, cache, positions=positions)
+    one = model(torch.stack([s[n + 3:n + 4] for s, n in zip(seqs, prefix)]), cache, positions=positions + 3)
+    return torch.cat([three, one], dim=1)  # (B, 4, V)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
-def test_rows_at_their_own_positions_equal_full_forwards(tiny_cfg, impl):
-    # Serving: requests of different lengths, each with its own cache, step together.
+def test_rows_at_their_own_positions_equal_each_row_alone(tiny_cfg, impl):
+    # Rows of different lengths step together in one call (a batch of prompts, a server).
     model = GPTModel(tiny_cfg.replace(attn_impl=impl)).eval()
-    seqs = [torch.randint(0, tiny_cfg.vocab_size, (1, n)) for n in (4, 9, 6)]
-    caches = []
-    for seq in seqs:
-        model.setup_cache(1)
-        model(seq[:, :-1], start_pos=0)  # each prompt alone, all but its last token
-        caches.append([block.attn.cache for block in model.blocks])
-    for i, block in enumerate(model.blocks):
-        block.attn.cache = nn.ModuleList(c[i] for c in caches)
-    last = torch.cat([seq[:, -1:] for seq in seqs])  # (3, 1)
-    together = model(last, start_pos=[seq.shape[1] - 1 for seq in seqs])[:, -1]  # (3, V)
-    model.clear_cache()
-    for row, seq in enumerate(seqs):
-        assert (together[row] - model(seq)[0, -1]).abs().max() < 1e-5
+    seqs = [torch.randint(0, tiny_cfg.vocab_size, (12,)) for _ in range(3)]
+    prefix = [2, 7, 4]
+    together = _rows_at_their_own_positions(model, seqs, prefix)
+    for row, (seq, n) in enumerate(zip(seqs, prefix)):
+        alone = model(seq[None, :n + 4])[0, n:]  # (4, V): the same positions, one full forward
+        assert (together[row] - alone).abs().max() < 1e-5
+
+
+def test_sdpa_and_math_agree_at_per_row_positions(tiny_cfg):
+    sdpa = GPTModel(tiny_cfg).eval()
+    math_ = GPTModel(tiny_cfg.replace(attn_impl="math")).eval()
+    math_.load_state_dict(sdpa.state_dict())
+    seqs = [torch.randint(0, tiny_cfg.vocab_size, (12,)) for _ in range(3)]
+    a = _rows_at_their_own_positions(sdpa, seqs, [5, 1, 8])
+    b = _rows_at_their_own_positions(math_, seqs, [5, 1, 8])
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_cache_rows_share_memory_and_a_copied_row_decodes_the_same(tiny_cfg):
+    model = GPTModel(tiny_cfg).eval()
+    seq = torch.randint(0, tiny_cfg.vocab_size, (1, 9))
+    cache = model.new_cache(3)
+    assert cache.k.shape == (2, 3, 4, 32, 8) and not cache.k.any() and not cache.v.any()
+    model(seq[:, :8], cache.rows(2, 3), positions=0)  # a view: written into row 2 of `cache`
+    assert cache.k[:, 2, :, :8].any() and not cache.k[:, :2].any()
+    cache.copy_row(2, 0, length=8)
+    next_logits = model(seq[:, 8:], cache.rows(0, 1), positions=8)[0, -1]
+    assert (next_logits - model(seq)[0, -1]).abs().max() < 1e-5
+
+
+def test_cache_and_position_errors_are_clear(tiny_cfg):
+    model = GPTModel(tiny_cfg).eval()
+    ids = torch.randint(0, tiny_cfg.vocab_size, (2, 1))
+    cache = model.new_cache(2, max_len=8)
     with pytest.raises(ValueError, match="one per row"):
-        model(last, start_pos=[3, 8])
+        model(ids, cache, positions=torch.tensor([3, 4, 5]))
+    with pytest.raises(ValueError, match="need a KV cache"):
+        model(ids, positions=3)
+    with pytest.raises(ValueError, match="context length"):
+        model(ids, model.new_cache(2), positions=torch.tensor([3, tiny_cfg.context_length]))
+    with pytest.raises(ValueError, match="max_len=9"):
+        model(ids, cache, positions=torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match="3 rows"):
+        model(ids, model.new_cache(3), positions=0)
+    with pytest.raises(ValueError, match="not be negative"):
+        model(ids, cache, positions=-1)
 
 
 def test_presets_and_overrides():

@@ -27,6 +27,7 @@ def _execute(notebook: Path, cwd: Path, **env: str) -> None:
 # ------------------------------------------------------------------------------------
 # notebooks/spam_classifier.ipynb
 
+@pytest.mark.needs_data("sms-spam-collection")
 def test_spam_notebook(tmp_path):
     _execute(ROOT / "notebooks" / "spam_classifier.ipynb", tmp_path, GPTFORGE_NB_TINY="1",
              OMP_NUM_THREADS="1")
@@ -37,6 +38,7 @@ def test_spam_notebook(tmp_path):
 # ------------------------------------------------------------------------------------
 # notebooks/instruction_finetuning.ipynb
 
+@pytest.mark.needs_data("instruction-data")
 def test_instruction_notebook(tmp_path):
     import json
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gptforge.config import GPTConfig
-from gptforge.model import GPTModel
 from gptforge import load
+from gptforge.config import GPTConfig
 from gptforge.convert import convert
 from gptforge.loader import detect_format
+from gptforge.model import GPTModel
 from gptforge.pretrained import flat_to_gptforge, gptforge_to_flat, read_openai_checkpoint, save_hf
 
 transformers = pytest.importorskip("transformers")

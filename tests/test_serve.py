@@ -24,7 +24,8 @@ pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'gptfo
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'gptforge[serve]'")
 httpx = pytest.importorskip("httpx")
 
-from gptforge.checkpoint import load_model, save_model  # noqa: E402
+from gptforge import load  # noqa: E402
+from gptforge.checkpoint import ClassifierSettings, RunMeta, save_model  # noqa: E402
 from gptforge.config import GPTConfig  # noqa: E402
 from gptforge.finetune.templates import get_template, render_chat  # noqa: E402
 from gptforge.generate import stream_text  # noqa: E402
@@ -44,15 +45,16 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-models")
     torch.manual_seed(0)
     model = GPTModel(CFG)
-    save_model(model, root / "tiny-lm", task="lm")
+    save_model(model, root / "tiny-lm")
     model.out_head = nn.Linear(CFG.emb_dim, 2)
-    save_model(model, root / "tiny-clf", task="classifier", labels=["ham", "spam"], pooling="last-token")
+    save_model(model, root / "tiny-clf", RunMeta(model=CFG, task="classifier",
+                                                 classifier=ClassifierSettings(["ham", "spam"])))
     return {"lm": root / "tiny-lm", "clf": root / "tiny-clf"}
 
 
 @pytest.fixture(scope="module")
 def lm(dirs):
-    return load_model(dirs["lm"]).eval()
+    return load(dirs["lm"])
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +73,9 @@ def keyed_url(dirs):
 class SlowModel(GPTModel):
     """The tiny model, 30 ms per forward pass: long enough to disconnect or time out mid-way."""
 
-    def forward(self, idx, start_pos=None):
+    def forward(self, idx, cache=None, positions=None):
         time.sleep(0.03)
-        return super().forward(idx, start_pos)
+        return super().forward(idx, cache, positions)
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +247,7 @@ def test_seed_makes_sampling_reproducible(url):
 
 
 def test_classify(url, dirs):
-    clf = load_model(dirs["clf"]).eval()
+    clf = load(dirs["clf"])
     r = httpx.post(f"{url}/v1/classify", json={"input": ["win a free prize now", "see you at 5"]})
     assert r.status_code == 200
     body = r.json()
@@ -450,18 +452,69 @@ def test_engine_decodes_active_requests_in_one_batch(lm):
         hook.remove()
     for i, prompt in enumerate(prompts):
         assert "".join(e.text for e in results[i]) == reference_text(lm, prompt, 6)
-    assert rows[:5] == [1, 1, 1, 1, 4]  # four prompts one by one, then one batch of four
+    assert rows[:2] == [4, 4]  # the four prompts together, then one decoding batch of four
+
+
+def test_engine_steps_requests_of_different_lengths_together(lm):
+    """Prompts of different lengths decode in one batch, each at its own position; as
+    requests finish, the last cache row moves into the freed one and the others go on."""
+    calls = []  # (rows, positions) of every forward pass
+    hook = lm.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args[0].shape[0], kwargs.get("positions"))),
+        with_kwargs=True)
+    prompts = ["Hi", "The quick brown fox jumps over", "Item 3:", "Once upon a time there was a", "A"]
+    max_tokens = [9, 2, 5, 12, 4]
+    engine = Engine(lm, get_tokenizer(), eos_id=None, max_active=3)
+    results: dict[int, list] = {i: [] for i in range(5)}
+    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
+        engine.submit(text_to_ids(prompt), SamplingParams(max_tokens=n, temperature=0.0),
+                      lambda e, i=i: results[i].append(e))
+    engine.start()
+    try:
+        assert wait_for(lambda: all(r and r[-1].finish_reason for r in results.values()))
+    finally:
+        engine.stop()
+        hook.remove()
+    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
+        assert results[i][-1].finish_reason == "length"
+        assert "".join(e.text for e in results[i]) == reference_text(lm, prompt, n)
+    assert calls[0][0] == 3  # the first three prompts in one call
+    assert any(torch.is_tensor(p) and rows == 3 for rows, p in calls)  # one step, three positions
+
+
+def test_the_engine_cache_grows_with_the_requests_it_holds(lm):
+    """A quiet server holds cache rows for the requests it has, not for --max-active of them;
+    rows added later keep what the earlier rows cached (the answers stay the same)."""
+    engine = Engine(lm, get_tokenizer(), eos_id=None, max_active=16)
+    results: dict[int, list] = {i: [] for i in range(4)}
+    engine.start()
+    try:
+        engine.submit(text_to_ids("Hi"), SamplingParams(max_tokens=8, temperature=0.0),
+                      lambda e: results[0].append(e))
+        assert wait_for(lambda: results[0] and results[0][-1].finish_reason)
+        assert engine._cache.batch_size == 1
+        for i in range(1, 4):  # three at once: the cache doubles to make room
+            engine.submit(text_to_ids(f"Item {i}:"), SamplingParams(max_tokens=6, temperature=0.0),
+                          lambda e, i=i: results[i].append(e))
+        assert wait_for(lambda: all(r and r[-1].finish_reason for r in results.values()))
+        assert 3 <= engine._cache.batch_size <= 4
+    finally:
+        engine.stop()
+    assert "".join(e.text for e in results[0]) == reference_text(lm, "Hi", 8)
+    for i in range(1, 4):
+        assert "".join(e.text for e in results[i]) == reference_text(lm, f"Item {i}:", 6)
 
 
 class FlakyModel(GPTModel):
-    """The tiny model, failing every batched step while `failing` is set."""
+    """The tiny model, failing every batched decoding step (one new token for each of
+    several rows) while `failing` is set."""
 
     failing = True
 
-    def forward(self, idx, start_pos=None):
-        if self.failing and isinstance(start_pos, list):
+    def forward(self, idx, cache=None, positions=None):
+        if self.failing and cache is not None and idx.shape[0] > 1 and idx.shape[1] == 1:
             raise RuntimeError("the batched step broke")
-        return super().forward(idx, start_pos)
+        return super().forward(idx, cache, positions)
 
 
 def test_a_failed_batch_ends_its_requests_with_an_error_and_serving_goes_on(lm):
@@ -525,9 +578,8 @@ def test_cli_serve_needs_the_extra(monkeypatch, dirs, capsys):
     from gptforge.cli import main
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
-    with pytest.raises(SystemExit) as exit_:
-        main(["serve", "--model", str(dirs["lm"])])
-    assert "pip install 'gptforge[serve]'" in str(exit_.value)
+    assert main(["serve", "--model", str(dirs["lm"])]) == 2
+    assert "pip install 'gptforge[serve]'" in capsys.readouterr().err
 
 
 def test_cli_serve_subprocess(dirs):

@@ -19,7 +19,7 @@ pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'gptfo
 httpx = pytest.importorskip("httpx")
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install selenium")
 
-from gptforge.checkpoint import save_model  # noqa: E402
+from gptforge.checkpoint import ClassifierSettings, RunMeta, save_model  # noqa: E402
 from gptforge.config import GPTConfig  # noqa: E402
 from gptforge.model import GPTModel  # noqa: E402
 from gptforge.serve.app import background_server, create_app  # noqa: E402
@@ -37,9 +37,9 @@ API_KEY = "browser-key"
 class SlowModel(GPTModel):
     """40 ms per forward pass, so the page is caught while text is still streaming in."""
 
-    def forward(self, idx, start_pos=None):
+    def forward(self, idx, cache=None, positions=None):
         time.sleep(0.04)
-        return super().forward(idx, start_pos)
+        return super().forward(idx, cache, positions)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,8 @@ def servers(tmp_path_factory):
     torch.manual_seed(0)
     model = SlowModel(CFG)
     model.out_head = nn.Linear(CFG.emb_dim, 2)
-    save_model(model, root / "tiny-clf", task="classifier", labels=["ham", "spam"], pooling="last-token")
+    save_model(model, root / "tiny-clf", RunMeta(model=CFG, task="classifier",
+                                                 classifier=ClassifierSettings(["ham", "spam"])))
     lm, lm2 = SlowModel(CFG), SlowModel(CFG)  # one model per server: each has its own engine
     lm2.load_state_dict(lm.state_dict())
     with background_server(create_app(lm, root / "tiny-clf", model_id="tiny-lm")) as url, \

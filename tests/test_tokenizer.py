@@ -4,9 +4,8 @@ import shutil
 import pytest
 import tiktoken
 
-from conftest import SHARED_DATA
 from gptforge import get_tokenizer
-from gptforge.tokenizer import EOT_ID, _TIKTOKEN_URLS, TokenizerFilesError
+from gptforge.tokenizer import _TIKTOKEN_URLS, EOT_ID, TokenizerFilesError
 
 EDGE_CASES = [
     "", " ", "\n\n\n", "  hello\n\n world  ", "Héllo wörld, 世界! 🤖🤖", "it's you'll we've they're I'd",
@@ -16,14 +15,16 @@ EDGE_CASES = [
 ]
 
 
+# The tokenizer files under their gptforge resource names.
+BPE_FILES = {"encoder.json": "gpt2-encoder", "vocab.bpe": "gpt2-vocab"}
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """tiktoken's own gpt2 encoding, its download cache filled from ../shared/data."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not here")
+def reference(tmp_path_factory, fetch):
+    """tiktoken's own gpt2 encoding, its download cache filled with the files gptforge fetched."""
     cache = tmp_path_factory.mktemp("tiktoken-cache")
     for name, url in _TIKTOKEN_URLS.items():
-        shutil.copy(SHARED_DATA / name, cache / hashlib.sha1(url.encode()).hexdigest())
+        shutil.copy(fetch(BPE_FILES[name]), cache / hashlib.sha1(url.encode()).hexdigest())
     mp = pytest.MonkeyPatch()
     mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
     # tiktoken caches constructed encodings per process; build ours from the filled cache.
@@ -32,9 +33,9 @@ def reference(tmp_path_factory):
     return enc
 
 
-@pytest.mark.parametrize("name", ["the-verdict.txt", "tinyshakespeare.txt"])
-def test_same_ids_as_tiktoken_on_corpora(reference, name):
-    text = (SHARED_DATA / name).read_text(encoding="utf-8")
+@pytest.mark.parametrize("name", ["the-verdict", "tinyshakespeare"])
+def test_same_ids_as_tiktoken_on_corpora(reference, fetch, name):
+    text = fetch(name).read_text(encoding="utf-8")
     assert get_tokenizer().encode(text) == reference.encode(text)
 
 
@@ -58,9 +59,9 @@ def test_loaded_once():
     assert get_tokenizer() is get_tokenizer()
 
 
-def test_user_directory(tmp_path):
-    for name in ("encoder.json", "vocab.bpe"):
-        shutil.copy(SHARED_DATA / name, tmp_path / name)
+def test_user_directory(tmp_path, fetch):
+    for name, resource in BPE_FILES.items():
+        shutil.copy(fetch(resource), tmp_path / name)
     tok = get_tokenizer(str(tmp_path))
     assert tok.encode("Every effort moves you") == get_tokenizer().encode("Every effort moves you")
 

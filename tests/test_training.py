@@ -14,7 +14,7 @@ from gptforge import GPTConfig, GPTModel, load
 from gptforge.checkpoint import RunMeta
 from gptforge.cli import main
 from gptforge.data import GPTDataset, ResumableBatchSampler
-from gptforge.training import Trainer, TrainConfig, lm_loss
+from gptforge.training import TrainConfig, Trainer, lm_loss
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TINY = ["--n-layers", "2", "--emb-dim", "32", "--n-heads", "2", "--context-length", "32"]
@@ -152,6 +152,7 @@ def test_compiled_training_matches_eager(tmp_path, verdict_text):
                                                                   rel=1e-4)
 
 
+@pytest.mark.needs_data("the-verdict")
 def test_pretrain_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pretrain", *TINY, "--max-steps", "4", "--eval-every", "2", "--out", str(out),
@@ -174,6 +175,7 @@ def test_pretrain_cli_end_to_end(tmp_path, capsys):
     assert records[-1]["step"] == 6
 
 
+@pytest.mark.needs_data("the-verdict")
 def test_pretrain_refuses_to_overwrite_a_run(tmp_path, capsys):
     out = tmp_path / "run"
     main(["pretrain", *TINY, "--max-steps", "1", "--out", str(out), "--no-progress"])
@@ -203,11 +205,11 @@ def _run_cli(args, env_extra, nproc=None):
     return proc
 
 
+@pytest.mark.needs_data("the-verdict")
 def test_two_process_gloo_run_matches_one_process(tmp_path):
     common = [*TINY, "--dropout", "0", "--max-steps", "5", "--batch-size", "4", "--eval-every", "1",
               "--eval-batches", "1", "--no-progress", "--device", "cpu"]
-    env = {"GPTFORGE_DATA_MIRROR": os.environ["GPTFORGE_DATA_MIRROR"],
-           "GPTFORGE_CACHE": os.environ["GPTFORGE_CACHE"]}
+    env = {}  # the child processes inherit the test's mirror and cache settings
     _run_cli(["pretrain", *common, "--out", str(tmp_path / "one")], env)
     _run_cli(["pretrain", *common, "--out", str(tmp_path / "two")], env, nproc=2)
 

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 from gptforge.errors import BadInputError
 
 # GPT-2's released sizes: (emb_dim, n_layers, n_heads). Every size shares the

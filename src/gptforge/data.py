@@ -7,9 +7,8 @@ token at every position.
 
 from __future__ import annotations
 
-import math
 import glob
-import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -18,8 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gptforge.tokenizer import EOT_ID, get_tokenizer, text_to_ids
 from gptforge.errors import BadInputError, NotFoundError
+from gptforge.fileio import atomic_write, atomic_write_json
+from gptforge.tokenizer import EOT_ID, get_tokenizer, text_to_ids
 
 
 def _num_windows(n_tokens: int, max_length: int, stride: int) -> int:
@@ -158,10 +158,9 @@ def prepare_token_file(
     tokenizer = get_tokenizer()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     threads = num_threads or os.cpu_count() or 1
     n_tokens = 0
-    with open(tmp, "wb") as f:
+    with atomic_write(out) as f:
         for path in files:
             text = path.read_text(encoding="utf-8")
             pieces = list(_chunks(text))
@@ -175,9 +174,8 @@ def prepare_token_file(
                     on_progress(sum(len(p.encode("utf-8")) for p in batch))
             np.asarray([EOT_ID], dtype=np.uint16).tofile(f)
             n_tokens += 1
-    os.replace(tmp, out)
     summary = {"tokens": n_tokens, "dtype": "uint16", "files": [str(p) for p in files]}
-    Path(str(out) + ".json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(str(out) + ".json", summary)
     return summary
 
 

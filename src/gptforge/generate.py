@@ -1,33 +1,42 @@
 """Text generation: a pure sampling function, a streaming token loop, and text helpers.
 
-`sample` turns one step's logits into token ids. `generate_stream` runs the model one
-token at a time (with a KV cache, each new token costs one position) and yields ids
-as they come; `generate` collects them. Tokenization stays outside the loop, in
-`stream_text`, which turns streamed ids into text pieces.
+`sample` turns one step's logits into token ids. `generate_stream` runs the model
+one token at a time for a batch of prompts of any lengths (with a KV cache, each
+new token costs one position) and yields ids as they come; `generate` collects
+them. Tokenization stays outside the loop, in `stream_text`, which turns streamed
+ids into text pieces. On the CPU the loop stores the linear layers' weights in the
+order decoding reads fastest (`use_decode_layout`); training puts them back.
 """
 
 from __future__ import annotations
 
 import codecs
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptforge.model import GPTModel
+from gptforge.errors import BadInputError
+from gptforge.model import GPTModel, KVCache
+
+# A batch of prompts: a (B, T) or (T,) tensor of ids, or lists of ids of any lengths.
+Prompts = torch.Tensor | Sequence[Sequence[int]]
 
 
 class DecodeLinear(nn.Linear):
-    """A linear layer laid out for decoding a few tokens at a time on CPUs.
+    """A linear layer that can store its weight the way CPU decoding reads it fastest.
 
-    The weight is the same [out, in] parameter stored input-major (transposed in
-    memory), the order CPU matrix-vector products stream fastest. Such a product runs
-    on one core, and one core cannot draw all of the memory bandwidth, so inputs of at
-    most `max_rows` rows are computed as `parts` partial products, each over one
-    contiguous slice of the weight's rows; `torch.bmm` runs them on parallel threads
-    and their sum is the result. Longer inputs (a prompt) and small weights (which
-    cache holds anyway, so splitting only adds work) take the usual path.
+    In the decode layout the weight is the same [out, in] parameter stored
+    input-major (transposed in memory), the order CPU matrix-vector products stream
+    fastest. Such a product runs on one core, and one core cannot draw all of the
+    memory bandwidth, so inputs of at most `max_rows` rows are computed as `parts`
+    partial products, each over one contiguous slice of the weight's rows;
+    `torch.bmm` runs them on parallel threads and their sum is the result. Longer
+    inputs (a prompt), small weights (which cache holds anyway, so splitting only
+    adds work) and a weight in the standard layout take the usual path. `train()`
+    puts the weight back in the standard layout, in the same Parameter, so training
+    runs at full speed and an optimizer that holds the parameter stays valid.
     """
 
     max_rows = 16
@@ -37,14 +46,45 @@ class DecodeLinear(nn.Linear):
         super().__init__(layer.in_features, layer.out_features, bias=layer.bias is not None,
                          device="meta")  # no storage: the layer's own parameters are used
         self.weight, self.bias = layer.weight, layer.bias
-        if self.weight.is_contiguous():
-            self.weight.data = self.weight.data.t().contiguous().t()
+        self.training = layer.training  # set, not train(): that would pick the standard layout
         splittable = self.in_features % parts == 0 and self.weight.numel() >= self.min_split_size
         self.parts = parts if splittable else 1
+        self.decode_layout()
+
+    @property
+    def in_decode_layout(self) -> bool:
+        return self.weight.t().is_contiguous()
+
+    def decode_layout(self) -> None:
+        """Store the weight input-major; nothing to do if it already is."""
+        if not self.in_decode_layout:
+            # A plain tensor even inside inference mode, so that training can use it later.
+            with torch.inference_mode(False):
+                self.weight.data = self.weight.data.t().contiguous().t()
+
+    def standard_layout(self) -> None:
+        """Store the weight as nn.Linear does, [out, in] row-major; nothing to do if it already is."""
+        if not self.weight.is_contiguous():
+            with torch.inference_mode(False):
+                self.weight.data = self.weight.data.contiguous()
+
+    def train(self, mode: bool = True) -> DecodeLinear:
+        """Set training mode; training (`mode=True`) also restores the standard layout."""
+        if mode:
+            self.standard_layout()
+        return super().train(mode)
+
+    def as_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding this layer's parameters, in the standard layout."""
+        self.standard_layout()
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        plain.training = self.training
+        return plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.parts == 1 or rows > self.max_rows or not self.weight.t().is_contiguous():
+        if self.parts == 1 or rows > self.max_rows or not self.in_decode_layout:
             return F.linear(x, self.weight, self.bias)
         slices = self.weight.t().view(self.parts, -1, self.out_features)  # (P, in/P, out)
         pieces = x.reshape(rows, self.parts, -1).transpose(0, 1)  # (P, rows, in/P)
@@ -56,14 +96,15 @@ class DecodeLinear(nn.Linear):
 
 @torch.no_grad()
 def use_decode_layout(model: nn.Module, parts: int | None = None) -> nn.Module:
-    """Swap every linear layer of a CPU model for a `DecodeLinear`, for faster decoding.
+    """Put every linear layer of a CPU model in the decode layout (see `DecodeLinear`).
 
     Values, shapes and parameter names stay the same; only the weights' memory order
     and the way one token's products are computed change (gpt2-small decodes about
-    1.8x faster here, see docs/benchmarks.md). `parts` defaults to PyTorch's thread
-    count. For models that are done training: an optimizer built before the change
-    would hold state in the old order. Models on other devices are left as they are.
-    Returns the model, changed in place.
+    1.8x faster here, see docs/benchmarks.md). `generate_stream` does this itself;
+    on a model already in the decode layout it costs a walk over the modules.
+    `model.train()` restores the standard layout in the same parameters. `parts`
+    defaults to PyTorch's thread count. Models on other devices are left as they
+    are. Returns the model, changed in place.
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         return model
@@ -72,17 +113,32 @@ def use_decode_layout(model: nn.Module, parts: int | None = None) -> nn.Module:
         for name, child in module.named_children():
             if type(child) is nn.Linear:
                 setattr(module, name, DecodeLinear(child, parts))
+            elif isinstance(child, DecodeLinear):
+                child.decode_layout()  # e.g. after a round of training
+    return model
+
+
+def plain_linears(model: nn.Module) -> nn.Module:
+    """Turn every `DecodeLinear` of `model` back into an nn.Linear with the same parameters.
+
+    For code that matches layers by their exact type, such as PyTorch's dynamic
+    quantization. Returns the model, changed in place.
+    """
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, DecodeLinear):
+                setattr(module, name, child.as_linear())
     return model
 
 
 def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> None:
-    """Raise a ValueError that names the bad setting, if any."""
+    """Raise a BadInputError (a ValueError) that names the bad setting, if any."""
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+        raise BadInputError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive number of tokens, got {top_k}")
+        raise BadInputError(f"top_k must be a positive number of tokens, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise BadInputError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -119,10 +175,99 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def _prompt_batch(prompts: Prompts, context_length: int,
+                  device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """The prompts as one right-padded (B, T) tensor of ids on `device`, and each one's length."""
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts.unsqueeze(0) if prompts.dim() == 1 else prompts
+        if ids.dim() != 2:
+            raise BadInputError(f"expected prompts of shape (batch, tokens), got {tuple(prompts.shape)}")
+        lengths = [ids.shape[1]] * ids.shape[0]
+    else:
+        try:
+            rows = [[int(t) for t in row] for row in prompts]
+        except TypeError:
+            raise BadInputError("expected the prompts as a tensor of token ids or a list of "
+                                "token-id lists") from None
+        lengths = [len(row) for row in rows]
+        width = max(lengths, default=0)
+        ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+    if not lengths:
+        raise BadInputError("no prompts: give at least one")
+    if min(lengths) == 0:
+        raise BadInputError("the prompt is empty: give at least one token")
+    if max(lengths) > context_length:
+        raise BadInputError(f"the prompt has {max(lengths)} tokens but the model's context length is "
+                            f"{context_length}: shorten the prompt")
+    return ids.to(device), lengths
+
+
+def _positions(values: list[int], device: torch.device) -> int | torch.Tensor:
+    """One int when all rows are at the same position (the model's fast path), else a (B,) tensor."""
+    if len(set(values)) == 1:
+        return values[0]
+    return torch.tensor(values, device=device)
+
+
+def _last_logits(logits: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Each row's logits at its last real token: (B, T, V) -> (B, V)."""
+    rows = torch.arange(len(lengths), device=logits.device)
+    return logits[rows, torch.tensor(lengths, device=logits.device) - 1]
+
+
+def prefill(model: GPTModel, cache: KVCache, ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Run prompts from position 0 into `cache` and return each one's next-token logits (B, V).
+
+    `ids` (B, T) holds the prompts right-padded; row b's padding sits at positions
+    lengths[b] and beyond, which the row's next tokens overwrite in the cache before
+    any query can see them.
+    """
+    return _last_logits(model(ids, cache, positions=0), lengths)
+
+
+def decode_one(model: GPTModel, cache: KVCache | None, tokens: torch.Tensor,
+               lengths: list[int]) -> torch.Tensor:
+    """Next-token logits (B, V) for the sequences in `tokens` (B, >= max length), right-padded.
+
+    With a cache, each row feeds only its newest token, at its own position. A row
+    longer than the context sees its last `context_length` tokens, run without the
+    cache: its positions shift every step, so its cached keys are stale. Such rows
+    still take part in the cached call, at the last position, to keep the batch
+    whole; what they write there and get back is never used. Without a cache every
+    row runs its last (up to) `context_length` tokens.
+    """
+    ctx = model.cfg.context_length
+    every_row = list(range(len(lengths)))
+    if cache is None:
+        return _window_logits(model, tokens, lengths, every_row)
+    long_rows = [b for b in every_row if lengths[b] > ctx]
+    if len(long_rows) == len(every_row):
+        return _window_logits(model, tokens, lengths, long_rows)
+    newest = tokens[every_row, [n - 1 for n in lengths]]  # (B,)
+    positions = _positions([min(n, ctx) - 1 for n in lengths], tokens.device)
+    logits = model(newest[:, None], cache, positions)[:, -1]  # (B, V)
+    if long_rows:
+        logits[long_rows] = _window_logits(model, tokens, lengths, long_rows)
+    return logits
+
+
+def _window_logits(model: GPTModel, tokens: torch.Tensor, lengths: list[int],
+                   rows: list[int]) -> torch.Tensor:
+    """Next-token logits (len(rows), V) of these rows, each run without a cache on its
+    last min(length, context_length) tokens, right-padded to a common width."""
+    sizes = [min(lengths[b], model.cfg.context_length) for b in rows]
+    starts = torch.tensor([lengths[b] - n for b, n in zip(rows, sizes)], device=tokens.device)
+    index = starts[:, None] + torch.arange(max(sizes), device=tokens.device)  # (n, W)
+    # A shorter window is followed by ids that are not its own: causal attention keeps
+    # them from changing its logits.
+    windows = tokens[rows].gather(1, index)  # (n, W)
+    return _last_logits(model(windows), sizes)
+
+
 @torch.inference_mode()
 def generate_stream(
     model: GPTModel,
-    idx: torch.Tensor,
+    prompts: Prompts,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -131,62 +276,73 @@ def generate_stream(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token ids, a (B,) tensor per step, for a batch of prompts `idx` (B, T).
+    """Yield the next token ids, a (B,) tensor per step, for a batch of prompts.
 
-    Stops after `max_new_tokens`, or once every row has produced `eos_id` (rows that
-    finished earlier then repeat `eos_id`). Past the context length the model sees
-    the last `context_length` tokens; positions then shift every step, so cached keys
-    go stale and each step runs the whole window, exactly as `use_cache=False` does.
+    `prompts` is a (B, T) or (T,) tensor of ids, or B lists of ids of any lengths;
+    each row gets the tokens it would get alone (greedy decoding gives exactly
+    those). Stops after `max_new_tokens`, or once every row has produced `eos_id`
+    (rows that finished earlier then repeat `eos_id`). Past the context length a
+    row sees its last `context_length` tokens, so cache or not, the tokens are the
+    same. The model is put in eval mode and, on the CPU, in the decode layout.
     """
     check_sampling(temperature, top_k, top_p)
-    if idx.dim() == 1:
-        idx = idx.unsqueeze(0)
     ctx = model.cfg.context_length
-    if idx.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    if idx.shape[1] > ctx:
-        raise ValueError(f"the prompt has {idx.shape[1]} tokens but the model's context length is "
-                         f"{ctx}: shorten the prompt")
+    device = model.emb.tok.weight.device
+    ids, lengths = _prompt_batch(prompts, ctx, device)
+    if max_new_tokens <= 0:
+        return
     model.eval()
-    tokens = idx.to(model.emb.tok.weight.device)
-    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    cached = 0  # positions already in the KV cache
-    if use_cache:
-        model.setup_cache(tokens.shape[0], ctx)
-    try:
-        for _ in range(max_new_tokens):
-            if use_cache and tokens.shape[1] <= ctx:
-                logits = model(tokens[:, cached:], start_pos=cached)[:, -1]  # (B, V)
-                cached = tokens.shape[1]
-            else:
-                logits = model(tokens[:, -ctx:])[:, -1]
-            next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos_id is not None:
-                next_ids = torch.where(done, torch.full_like(next_ids, eos_id), next_ids)
-                done |= next_ids == eos_id
-            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-            yield next_ids
-            if eos_id is not None and bool(done.all()):
-                break
-    finally:
-        if use_cache:
-            model.clear_cache()
+    use_decode_layout(model)
+    B = len(lengths)
+    # Every row's ids, right-padded: the prompts, then room for the new tokens.
+    tokens = torch.cat([ids, ids.new_zeros(B, max_new_tokens)], dim=1)  # (B, T + new)
+    rows = torch.arange(B, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    # Room for every position a step can write: the newest token sits at length - 1.
+    cache = model.new_cache(B, max(lengths) + max_new_tokens - 1) if use_cache else None
+    for step in range(max_new_tokens):
+        if step == 0 and cache is not None:
+            logits = prefill(model, cache, ids, lengths)  # (B, V)
+        else:
+            logits = decode_one(model, cache, tokens, lengths)
+        next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        if eos_id is not None:
+            next_ids = torch.where(done, torch.full_like(next_ids, eos_id), next_ids)
+            done |= next_ids == eos_id
+        tokens[rows, torch.tensor(lengths, device=device)] = next_ids
+        lengths = [n + 1 for n in lengths]
+        yield next_ids
+        if eos_id is not None and bool(done.all()):
+            break
 
 
-def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+def generate(model: GPTModel, prompts: Prompts, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Return the prompt ids `idx` (B, T) followed by up to `max_new_tokens` new ids.
+             use_cache: bool = True, generator: torch.Generator | None = None,
+             ) -> torch.Tensor | list[list[int]]:
+    """Return the prompts followed by up to `max_new_tokens` new ids each.
 
-    Temperature 0 (the default) decodes greedily; see `generate_stream` for the rest.
+    A tensor of prompts (B, T) gives a tensor (B, T + n), a (T,) tensor a (T + n,)
+    one; rows that reached `eos_id` before the others keep repeating it. A list of
+    token-id lists (of any lengths) gives a list: each prompt followed by its new
+    ids, up to and including its first `eos_id`. Temperature 0 (the default) decodes
+    greedily; see `generate_stream` for the rest.
     """
-    squeeze = idx.dim() == 1
-    idx = idx.unsqueeze(0) if squeeze else idx
-    steps = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p,
+    steps = list(generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p,
                                  eos_id, use_cache, generator))
-    out = torch.cat([idx.to(steps[0].device if steps else idx.device)] +
-                    [s[:, None] for s in steps], dim=1)
-    return out[0] if squeeze else out
+    if isinstance(prompts, torch.Tensor):
+        squeeze = prompts.dim() == 1
+        idx = prompts.unsqueeze(0) if squeeze else prompts
+        out = torch.cat([idx.to(steps[0].device if steps else idx.device)] +
+                        [s[:, None] for s in steps], dim=1)
+        return out[0] if squeeze else out
+    new = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]  # (B, steps)
+    out = []
+    for prompt, ids in zip(prompts, new):
+        if eos_id is not None and eos_id in ids:
+            ids = ids[:ids.index(eos_id) + 1]
+        out.append([int(t) for t in prompt] + ids)
+    return out
 
 
 def stream_text(model: GPTModel, prompt: str, max_new_tokens: int = 50, tokenizer=None,

@@ -41,6 +41,8 @@ from gptforge.finetune.lora import apply_lora, lora_settings, merge_lora
 from gptforge.model import GPTModel
 from gptforge.pretrained.hf import (
     CONFIG_NAME as HF_CONFIG_NAME,
+)
+from gptforge.pretrained.hf import (
     WEIGHTS_INDEX_NAME,
     config_from_hf,
     read_hf_checkpoint,

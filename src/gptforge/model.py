@@ -2,8 +2,9 @@
 
 Architecture-compatible with OpenAI's GPT-2: pre-LayerNorm blocks, a 4x GELU(tanh)
 feed-forward, learned absolute position embeddings. Shapes use B = batch,
-T = tokens in this call, S = tokens attended to (T plus what the KV cache holds),
-D = emb_dim, H = n_heads, hd = head_dim, V = vocab_size.
+T = tokens in this call, S = positions attended to (T, or with a KV cache everything
+up to the newest token), L = n_layers, D = emb_dim, H = n_heads, hd = head_dim,
+V = vocab_size.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptforge.config import GPTConfig
+from gptforge.errors import BadInputError
+
+# Where new tokens go: one start position for every row, or a (B,) tensor, one per row.
+Positions = int | torch.Tensor
 
 
 class GPTEmbeddings(nn.Module):
@@ -25,11 +30,14 @@ class GPTEmbeddings(nn.Module):
         self.tok = nn.Embedding(vocab_size, emb_dim)
         self.pos = nn.Embedding(context_length, emb_dim)
 
-    def forward(self, idx: torch.Tensor, start_pos: int | list[int] = 0) -> torch.Tensor:
-        """`start_pos` is where idx begins: one position for all rows, or a list, one per row."""
-        offsets = torch.as_tensor(start_pos, device=idx.device).view(-1, 1)  # (1 or B, 1)
-        positions = offsets + torch.arange(idx.shape[1], device=idx.device)  # (1 or B, T)
-        return self.tok(idx) + self.pos(positions)  # (B, T, D) + (1 or B, T, D) broadcasts
+    def forward(self, idx: torch.Tensor, positions: Positions = 0) -> torch.Tensor:
+        """`positions` is where idx begins: one position for all rows, or a (B,) tensor."""
+        steps = torch.arange(idx.shape[1], device=idx.device)  # (T,)
+        if isinstance(positions, torch.Tensor):
+            steps = positions[:, None] + steps  # (B, T)
+        else:
+            steps = steps + positions
+        return self.tok(idx) + self.pos(steps)  # (B, T, D) + (T or B x T, D) broadcasts
 
 
 def create_embeddings(
@@ -45,80 +53,121 @@ def create_embeddings(
     return GPTEmbeddings(vocab_size, emb_dim, context_length)
 
 
-class KVCache(nn.Module):
-    """Keys and values of the positions seen so far, preallocated for `max_len` positions."""
+class KVCache:
+    """The keys and values of every attention layer for B rows of up to `max_len` positions.
 
-    def __init__(self, batch_size: int, n_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()
-        shape = (batch_size, n_heads, max_len, head_dim)
-        # Uninitialised: positions are always written before they are read.
-        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+    The caller owns it and passes it to `GPTModel.forward` with the positions of the
+    new tokens; the model writes their keys and values in and attends over each row's
+    earlier ones. Make one with `GPTModel.new_cache`. `rows(start, end)` is a view of
+    some rows (writes reach this cache) and `copy_row` moves a row, so a server can
+    give each request a row and keep the rows in use together.
+    """
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, hd) at start_pos and return all keys/values up to there."""
-        end = start_pos + k.shape[2]
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, H, S, hd)
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v  # (L, B, H, max_len, hd) each
+
+    @classmethod
+    def zeros(cls, n_layers: int, batch_size: int, n_heads: int, max_len: int, head_dim: int,
+              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> KVCache:
+        """An empty cache. Zeros, not uninitialised memory: slots a row has not written yet
+        are still read (with attention weight 0), and 0 * NaN would be NaN."""
+        shape = (n_layers, batch_size, n_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def rows(self, start: int, end: int) -> KVCache:
+        """Rows start .. end-1 as a cache of their own, sharing this cache's memory."""
+        return KVCache(self.k[:, start:end], self.v[:, start:end])
+
+    def copy_row(self, src: int, dst: int, length: int | None = None) -> None:
+        """Copy row `src`'s first `length` positions (by default all) onto row `dst`."""
+        n = self.max_len if length is None else length
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+
+    def store(self, layer: int, positions: Positions, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one layer's new keys and values k, v (B, H, T, hd) at positions p .. p+T-1."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # e.g. bfloat16 under autocast
+        T = k.shape[2]
+        if isinstance(positions, int):
+            self.k[layer, :, :, positions:positions + T] = k
+            self.v[layer, :, :, positions:positions + T] = v
+            return
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        slots = positions[:, None] + torch.arange(T, device=k.device)  # (B, T)
+        # Two index tensors around a slice: the indexed dims come first, (B, T, H, hd).
+        self.k[layer][rows, :, slots] = k.transpose(1, 2)
+        self.v[layer][rows, :, slots] = v.transpose(1, 2)
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys and values at positions 0 .. length-1, each (B, H, S, hd)."""
+        return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head attention in which each position sees only itself and earlier positions."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.layer = layer  # which of a KVCache's layers holds this one's keys and values
         self.impl = cfg.attn_impl
         self.drop_rate = cfg.drop_rate
         # Queries, keys and values come from one matmul (as in GPT-2's c_attn).
         self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.attn_drop = nn.Dropout(cfg.drop_rate)
-        self.cache: KVCache | nn.ModuleList | None = None  # a ModuleList: one KVCache per row
 
-    def forward(self, x: torch.Tensor, start_pos: int | list[int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, positions: Positions = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). With a cache, the new keys and values are stored at
+        `positions` and the queries attend over the row up to them; `mask` (from the model)
+        is None where plain causal attention over this call's tokens is right."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)  # 3 x (B, T, D)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         # q, k, v: (B, H, T, hd)
-        if start_pos is None:
-            out = self._attend(q, k, v, 0)
-        elif self.cache is None:
-            raise RuntimeError("call model.setup_cache(...) before a forward pass with start_pos")
-        elif isinstance(start_pos, list):
-            # Rows of different requests (serving): each row has its own position and its
-            # own cache, so attention runs row by row; the linear layers stay batched.
-            out = torch.cat([self._attend(q[b:b + 1], *cache.update(pos, k[b:b + 1], v[b:b + 1]), pos)
-                             for b, (pos, cache) in enumerate(zip(start_pos, self.cache))])
-        else:
-            out = self._attend(q, *self.cache.update(start_pos, k, v), start_pos)  # keys (B, H, S, hd)
+        if cache is not None:
+            cache.store(self.layer, positions, k, v)
+            # Per-row positions always come with a mask, which is as wide as the longest row.
+            length = mask.shape[-1] if mask is not None else positions + T
+            k, v = cache.read(self.layer, length)  # (B, H, S, hd)
+        out = self._attend(q, k, v, mask)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, D)  # heads side by side again
         return self.proj(out)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
-        """Causal attention of queries at positions offset, offset + 1, ... over keys from 0."""
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q (B, H, T, hd) over k, v (B, H, S, hd); `mask` (T, S) or (B, 1, T, S)
+        is True where a query may see a key, None for causal within the call (or T == 1)."""
         T, S = q.shape[2], k.shape[2]
         if self.impl == "sdpa":
-            # Without an offset the causal mask is the plain lower triangle; one new
-            # token (T == 1) may see every cached position, so it needs no mask.
-            mask = None if offset == 0 or T == 1 else _causal_mask(T, S, offset, q.device)
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=(offset == 0 and T > 1),
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                 dropout_p=self.drop_rate if self.training else 0.0,
             )
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
-        scores = scores.masked_fill(~_causal_mask(T, S, offset, q.device), float("-inf"))
+        if mask is None and T > 1:
+            mask = causal_mask(torch.arange(T, device=q.device), S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         weights = self.attn_drop(torch.softmax(scores, dim=-1))
         return weights @ v  # (B, H, T, hd)
 
 
-def _causal_mask(T: int, S: int, offset: int, device: torch.device) -> torch.Tensor:
-    """(T, S) bool mask, True where query i (at position offset + i) may attend key j."""
-    q_pos = torch.arange(offset, offset + T, device=device)[:, None]
-    k_pos = torch.arange(S, device=device)[None, :]
-    return k_pos <= q_pos
+def causal_mask(query_positions: torch.Tensor, length: int) -> torch.Tensor:
+    """Bool mask (..., T, S), True where the query at position query_positions[..., i]
+    may attend key position j: j <= that position, for j in 0 .. length-1."""
+    keys = torch.arange(length, device=query_positions.device)  # (S,)
+    return keys <= query_positions[..., None]
 
 
 class FeedForward(nn.Module):
@@ -136,16 +185,17 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=cfg.ln_eps)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
         self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.ln_eps)
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, start_pos: int | list[int] | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), start_pos))  # shortcut around attention
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, positions: Positions = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cache, positions, mask))  # shortcut around attention
         x = x + self.drop(self.ff(self.norm2(x)))  # shortcut around the feed-forward
         return x
 
@@ -153,12 +203,12 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     """A GPT-2-style language model: token ids (B, T) -> next-token logits (B, T, V).
 
-    `forward(idx)` runs the whole sequence from position 0. For fast generation,
-    `setup_cache(batch_size, max_len)` adds a KV cache, after which
-    `forward(idx, start_pos=p)` processes only the new tokens at positions p, p+1, ...
-    To step rows of different requests together (serving), give each attention layer
-    an `nn.ModuleList` with one cache per row and pass one token per row with a list
-    of their positions.
+    `forward(idx)` runs whole sequences from position 0 (training, evaluation). For
+    fast generation, pass a KV cache from `new_cache(batch_size)` and the positions of
+    the new tokens: `forward(idx, cache, positions=p)` processes only idx, at positions
+    p, p+1, ... of every row, attending to what the cache holds before them. With a
+    (B,) tensor of positions each row starts at its own position, so rows of
+    different lengths (requests of a server, prompts of a batch) step together.
     """
 
     def __init__(self, cfg: GPTConfig, init: str = "gpt2") -> None:
@@ -166,7 +216,7 @@ class GPTModel(nn.Module):
         self.cfg = cfg
         self.emb = GPTEmbeddings(cfg.vocab_size, cfg.emb_dim, cfg.context_length)
         self.drop = nn.Dropout(cfg.drop_rate)
-        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.ln_eps)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
@@ -191,48 +241,87 @@ class GPTModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, start_pos: int | list[int] | None = None) -> torch.Tensor:
-        self._check_input(idx, start_pos)
-        x = self.drop(self.emb(idx, 0 if start_pos is None else start_pos))  # (B, T, D)
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                positions: Positions | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for ids idx (B, T); with a cache, at `positions` (an int or (B,))."""
+        self._check_input(idx, cache, positions)
+        if cache is None:
+            positions, mask = 0, None
+        else:
+            mask = self._cache_mask(idx.shape[1], positions, idx.device)
+        x = self.drop(self.emb(idx, positions))  # (B, T, D)
         for block in self.blocks:
-            x = block(x, start_pos)
+            x = block(x, cache, positions, mask)
         return self.out_head(self.final_norm(x))  # (B, T, V)
 
-    def _check_input(self, idx: torch.Tensor, start_pos: int | list[int] | None) -> None:
+    @staticmethod
+    def _cache_mask(T: int, positions: Positions, device: torch.device) -> torch.Tensor | None:
+        """Which cached positions each new token may see: None where plain causal attention
+        is right (a prompt from position 0, or one new token per row at a shared position),
+        else (T, S) for a chunk at a shared offset, or (B, 1, T, S) for per-row positions."""
+        if isinstance(positions, int):
+            if positions == 0 or T == 1:
+                return None
+            return causal_mask(torch.arange(positions, positions + T, device=device), positions + T)  # (T, S)
+        query_positions = positions[:, None] + torch.arange(T, device=device)  # (B, T)
+        length = int(positions.max()) + T
+        return causal_mask(query_positions, length)[:, None]  # (B, 1, T, S): one mask for all heads
+
+    def _check_input(self, idx: torch.Tensor, cache: KVCache | None, positions: Positions | None) -> None:
         if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int64):
-            raise ValueError(f"expected token ids as an integer tensor of shape (batch, tokens), "
-                             f"got {tuple(idx.shape)} of {idx.dtype}")
-        if isinstance(start_pos, list):
-            if len(start_pos) != idx.shape[0] or idx.shape[1] != 1:
-                raise ValueError(f"a list of start positions needs one per row and one token per "
-                                 f"row, got {len(start_pos)} for ids of shape {tuple(idx.shape)}")
-            if not isinstance(self.blocks[0].attn.cache, nn.ModuleList):
-                raise RuntimeError("a list of start positions needs an nn.ModuleList of KV caches, "
-                                   "one per row, in every attention layer")
-            start_pos = max(start_pos)
-        end = (start_pos or 0) + idx.shape[1]
+            raise BadInputError(f"expected token ids as an integer tensor of shape (batch, tokens), "
+                                f"got {tuple(idx.shape)} of {idx.dtype}")
+        B, T = idx.shape
+        end = T  # one past the last position written
+        if cache is None and positions is not None:
+            raise ValueError("positions need a KV cache: pass cache=model.new_cache(batch_size) too")
+        if cache is not None:
+            self._check_cache(cache, B)
+            if isinstance(positions, torch.Tensor):
+                if positions.shape != (B,) or positions.dtype not in (torch.long, torch.int32):
+                    raise ValueError(f"per-row positions must be an integer tensor with one per row, "
+                                     f"shape ({B},), got {tuple(positions.shape)} of {positions.dtype}")
+                if positions.device != idx.device:
+                    raise ValueError(f"positions are on {positions.device} but the ids on {idx.device}")
+                first, last = (int(positions.min()), int(positions.max())) if B else (0, 0)
+            elif isinstance(positions, int) and not isinstance(positions, bool):
+                first = last = positions
+            else:
+                raise ValueError(f"with a KV cache, positions must be an int (the first new position "
+                                 f"of every row) or a ({B},) tensor, one per row; got {positions!r}")
+            if first < 0:
+                raise ValueError(f"positions must not be negative, got {first}")
+            end = last + T
         if end > self.cfg.context_length:
-            raise ValueError(f"sequence of {end} tokens is longer than the model's context length "
-                             f"({self.cfg.context_length}); crop the input to the last "
-                             f"{self.cfg.context_length} tokens")
+            raise BadInputError(f"sequence of {end} tokens is longer than the model's context length "
+                                f"({self.cfg.context_length}); crop the input to the last "
+                                f"{self.cfg.context_length} tokens")
+        if cache is not None and end > cache.max_len:
+            raise ValueError(f"positions up to {end} do not fit a KV cache of {cache.max_len}: "
+                             f"make it with model.new_cache(batch_size, max_len={end}) or more")
         if idx.numel() and not torch.compiler.is_compiling():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.cfg.vocab_size:
-                raise ValueError(f"token id {hi if hi >= self.cfg.vocab_size else lo} is outside "
-                                 f"the vocabulary [0, {self.cfg.vocab_size})")
+                raise BadInputError(f"token id {hi if hi >= self.cfg.vocab_size else lo} is outside "
+                                    f"the vocabulary [0, {self.cfg.vocab_size})")
 
-    def setup_cache(self, batch_size: int, max_len: int | None = None) -> None:
-        """Give every attention layer an empty KV cache for `max_len` positions."""
+    def _check_cache(self, cache: KVCache, batch_size: int) -> None:
+        L, rows, H, _, hd = cache.k.shape
+        if (L, H, hd) != (self.cfg.n_layers, self.cfg.n_heads, self.cfg.head_dim):
+            raise ValueError(f"the KV cache has {L} layers of {H} heads of size {hd}, this model "
+                             f"{self.cfg.n_layers} of {self.cfg.n_heads} of {self.cfg.head_dim}: "
+                             f"make it with this model's new_cache()")
+        if rows != batch_size:
+            raise ValueError(f"the KV cache has {rows} rows but the ids {batch_size}: one row per "
+                             f"sequence (cache.rows(start, end) views some of them)")
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` rows of `max_len` positions (at most, and by
+        default, the context length), in the model's dtype and on its device."""
         max_len = min(max_len or self.cfg.context_length, self.cfg.context_length)
         p = self.emb.tok.weight
-        for block in self.blocks:
-            block.attn.cache = KVCache(batch_size, self.cfg.n_heads, max_len, self.cfg.head_dim,
-                                       p.dtype, p.device)
-
-    def clear_cache(self) -> None:
-        """Remove the KV caches (frees their memory)."""
-        for block in self.blocks:
-            block.attn.cache = None
+        return KVCache.zeros(self.cfg.n_layers, batch_size, self.cfg.n_heads, max_len,
+                             self.cfg.head_dim, p.dtype, p.device)
 
     def num_parameters(self, include_tied_head: bool = False) -> int:
         """Count parameters; a tied output head is counted again only if asked."""
@@ -240,3 +329,13 @@ class GPTModel(nn.Module):
         if include_tied_head and self.cfg.tie_weights:
             n += self.out_head.weight.numel()
         return n
+
+
+def set_dropout(model: GPTModel, rate: float) -> None:
+    """Change the dropout rate of every dropout in the model (and its config)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = rate
+        if hasattr(module, "drop_rate"):
+            module.drop_rate = rate
+    model.cfg.drop_rate = rate

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from gptforge.fileio import atomic_write
+
 
 def _pyplot():
     import matplotlib
@@ -38,9 +40,8 @@ def plot_history(history: list[dict], out_dir: str | os.PathLike, metrics: list[
         top.set_xlabel("Tokens seen")
         fig.tight_layout()
         path = out / f"{name}.png"
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100)
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
-        os.replace(tmp, path)
         paths.append(path)
     return paths[0]

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from torch import nn
 
 from gptforge.checkpoint import RunMeta
 from gptforge.config import book_config, canonical_preset
 from gptforge.data import GPTDataset, TokenFileDataset, read_texts
-from gptforge.model import GPTModel
-from gptforge.loader import load
-from gptforge.training import Callback, Trainer, TrainConfig, TrainResult, lm_loss
 from gptforge.errors import BadInputError
+from gptforge.loader import load
+from gptforge.model import GPTModel, set_dropout
+from gptforge.training import Callback, TrainConfig, Trainer, TrainResult, lm_loss
 
 SAMPLE_PROMPT = "Every effort moves you"
 
@@ -52,16 +51,6 @@ def build_or_load_model(model: str, context_length: int | None = None,
     if drop_rate is not None:
         set_dropout(loaded, drop_rate)
     return loaded
-
-
-def set_dropout(model: GPTModel, rate: float) -> None:
-    """Change the dropout rate of every dropout in the model (and its config)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = rate
-        if hasattr(module, "drop_rate"):
-            module.drop_rate = rate
-    model.cfg.drop_rate = rate
 
 
 def load_datasets(data: PretrainData, context_length: int) -> tuple[torch.utils.data.Dataset,

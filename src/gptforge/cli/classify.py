@@ -98,8 +98,7 @@ def _load_splits(args: argparse.Namespace):
 def _build_model(args: argparse.Namespace):
     from gptforge.config import book_config
     from gptforge.loader import load
-    from gptforge.model import GPTModel
-    from gptforge.pretrain import set_dropout
+    from gptforge.model import GPTModel, set_dropout
 
     shape = {k: getattr(args, k) for k in ("n_layers", "emb_dim", "n_heads") if getattr(args, k)}
     if args.init:

@@ -110,7 +110,7 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default_run_dir(f"{Path(args.model).name}-instruct{suffix}")
         check_new_run_dir(out)
     if args.dropout is not None:
-        from gptforge.pretrain import set_dropout
+        from gptforge.model import set_dropout
 
         set_dropout(model, args.dropout)
 

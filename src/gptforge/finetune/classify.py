@@ -27,13 +27,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from gptforge.checkpoint import ClassifierSettings, RunMeta, is_gptforge_dir
+from gptforge.errors import BadInputError
 from gptforge.fileio import atomic_write, atomic_write_json
 from gptforge.finetune.lora import LoRALinear, apply_lora
 from gptforge.loader import load, read_run
 from gptforge.model import GPTModel
 from gptforge.tokenizer import EOT_ID, get_tokenizer
-from gptforge.training import Callback, Trainer, TrainConfig, TrainResult
-from gptforge.errors import BadInputError
+from gptforge.training import Callback, TrainConfig, Trainer, TrainResult
 
 TASK = "classifier"
 POOLINGS = ("last-token", "last", "mean")

@@ -31,12 +31,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gptforge.checkpoint import RunMeta
+from gptforge.errors import BadInputError, NotFoundError
 from gptforge.fileio import atomic_write_bytes
 from gptforge.finetune.lora import apply_lora, has_lora
 from gptforge.finetune.templates import PromptTemplate, get_template
 from gptforge.loader import load, read_run
 from gptforge.tokenizer import EOT_ID, get_tokenizer
-from gptforge.errors import BadInputError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +294,10 @@ def generate_responses(
     """Answer every entry; return copies of the entries with "model_response" added.
 
     Greedy by default (`sampling` takes generate_stream's temperature, top_k, ...),
-    stopping at end-of-text. Prompts of equal token length are answered together in
-    batches of up to `batch_size`; `batch_size=1` answers one at a time.
+    stopping at end-of-text. Prompts are answered together in batches of up to
+    `batch_size` (of any lengths: each row has its own positions in the KV cache;
+    sorting by length only keeps the padding of the first step small).
+    `batch_size=1` answers one at a time; greedy answers are the same either way.
     `on_progress(n)` is called with the number of entries just finished.
     """
     from gptforge.generate import generate_stream
@@ -308,10 +310,9 @@ def generate_responses(
         if len(ids) > ctx:
             log.warning("prompt %d has %d tokens; the model sees only the last %d", i, len(ids), ctx)
             prompts[i] = ids[-ctx:]
-    device = next(model.parameters()).device
     answers: list[str] = [""] * len(prompts)
-    for idx in length_sorted_batches([len(p) for p in prompts], batch_size, same_length=True):
-        batch = torch.tensor([prompts[i] for i in idx], dtype=torch.long, device=device)
+    for idx in length_sorted_batches([len(p) for p in prompts], batch_size):
+        batch = [prompts[i] for i in idx]
         steps = list(generate_stream(model, batch, max_new_tokens, eos_id=EOT_ID, **sampling))
         new = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in idx]  # (B, steps)
         for row, i in enumerate(idx):

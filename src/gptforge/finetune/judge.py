@@ -24,7 +24,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
 from gptforge.errors import BadInputError, GptforgeError
+from gptforge.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +160,6 @@ class JudgeCache:
     def put(self, model: str, prompt: str, reply: str) -> None:
         self.entries[self.key(model, prompt)] = {"model": model, "reply": reply}
         if self.path:
-            from gptforge.checkpoint import atomic_write_bytes
-
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.path, json.dumps(self.entries, indent=1, ensure_ascii=False).encode())
 
@@ -339,8 +339,6 @@ def evaluate_responses(
 
 def write_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write the report as indented JSON."""
-    from gptforge.checkpoint import atomic_write_bytes
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping, Sequence
+
 from gptforge.errors import BadInputError
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "

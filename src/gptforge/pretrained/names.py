@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from gptforge.config import GPTConfig
-from gptforge.model import GPTModel
 from gptforge.errors import CheckpointError
+from gptforge.model import GPTModel
 
 # (flat name, gptforge name, transpose). "{i}" is the block index.
 LAYER_NAMES: tuple[tuple[str, str, bool], ...] = (

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from gptforge.config import GPTConfig
-from gptforge.pretrained.tf_checkpoint import TFCheckpointReader
 from gptforge.errors import CheckpointError, NotFoundError
+from gptforge.pretrained.tf_checkpoint import TFCheckpointReader
 
 HPARAMS_NAME = "hparams.json"
 

@@ -2,13 +2,14 @@
 
 Requests wait in a queue; the worker admits up to `max_active` of them and then
 advances each by one token per turn, so a long answer never holds back a short one
-and every stream sees tokens at once. A turn runs the prompts of newly admitted
-requests one by one, then one batch with one new token for each of the others:
-the linear layers (most of the work) run once for the whole batch. Each request
-owns its KV cache, which the worker lends to the model for the turn only, so
-requests of any lengths share one model without padding. Only the
-worker thread touches the model: the web server's event loop hands requests in
-and gets `Event`s back through a callback, and never waits on model compute.
+and every stream sees tokens at once. The worker keeps one KV cache with a row for
+each active request. A turn runs the prompts of newly admitted requests together,
+right-padded, on the rows after those in use, then one batch with one new token
+for each of the others, each at its own position: the linear layers (most of the
+work) run once for the whole batch. When a request finishes, the last row moves
+into its place, so the rows in use stay together. Only the worker thread touches
+the model and the cache: the web server's event loop hands requests in and gets
+`Event`s back through a callback, and never waits on model compute.
 
 `TextStream` turns a request's token ids into text and cuts it at the first stop
 sequence.
@@ -26,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
 
-from gptforge.generate import check_sampling, sample
+from gptforge.generate import check_sampling, sample, use_decode_layout
 from gptforge.model import GPTModel, KVCache
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,7 @@ class Generation:
     text: TextStream
     tokens: list[int] = field(default_factory=list)
     generated: int = 0
-    cached: int = 0  # positions already in this request's KV cache
-    caches: list[KVCache] | None = None
+    cached: int = 0  # positions of this request in its row of the engine's KV cache
     generator: torch.Generator | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -155,6 +154,9 @@ class Engine:
         self._queue: collections.deque[Generation] = collections.deque()
         self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._active: list[Generation] = []
+        # The worker's own: one cache row per request it has run the prompt of, in row order.
+        self._cache: KVCache | None = None
+        self._rows: list[Generation] = []
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -227,6 +229,8 @@ class Engine:
                         self._emit(gen, Event(finish_reason="error", error="the server is shutting down"))
                     self._active.clear()
                     self._queue.clear()
+                    self._rows.clear()
+                    self._cache = None  # its memory goes back; a restart makes a new one
                     return
                 calls, self._calls = self._calls, []
                 self._drop_waiting()
@@ -259,10 +263,10 @@ class Engine:
     def _turn(self, active: list[Generation]) -> list[Generation]:
         """Generate one token for every active request; return those that finished.
 
-        A request new to the worker first runs its whole prompt alone. The others each
+        Requests new to the worker first run their prompts, together. The others each
         feed one token, all in one batch: the weights are read once for all of them.
         """
-        finished, prompts, decoding = [], [], []
+        finished, live = [], []
         now = time.monotonic()
         for gen in active:
             if gen.cancelled:
@@ -273,10 +277,15 @@ class Engine:
                 self._emit(gen, Event(gen.text.finish(), "timeout", gen.generated))
                 finished.append(gen)
             else:
-                (prompts if gen.caches is None else decoding).append(gen)
-        for group in [[gen] for gen in prompts] + ([decoding] if decoding else []):
+                live.append(gen)
+        self._free_rows(finished)
+        decoding = list(self._rows)  # rows 0 .. n-1; the prompts get the rows after them
+        prompts = [gen for gen in live if gen not in decoding]
+        for group, step in ((prompts, self._prefill), (decoding, self._decode)):
+            if not group:
+                continue
             try:
-                tokens = self._step(group)
+                tokens = step(group)
             except Exception as err:  # report it to these requests and keep serving the others
                 log.exception("generation failed")
                 for gen in group:
@@ -286,6 +295,7 @@ class Engine:
                 finished += group
                 continue
             finished += [gen for gen, token in zip(group, tokens) if self._report(gen, token)]
+        self._free_rows(finished)
         return finished
 
     def _report(self, gen: Generation, token: int) -> bool:
@@ -318,33 +328,73 @@ class Engine:
             log.debug("dropping a generation whose receiver failed", exc_info=True)
             gen.cancel()
 
-    def _step(self, group: list[Generation]) -> list[int]:
-        """Run the model on the group's new tokens, each request with its own KV cache;
-        sample one token for each. A group is one request with its prompt, or any number
-        of requests with one new token each."""
+    @torch.inference_mode()
+    def _prefill(self, group: list[Generation]) -> list[int]:
+        """Run the prompts of newly admitted requests, right-padded, in one call on the
+        cache rows after those in use; sample each request's first token."""
         model = self.model
-        with torch.inference_mode():
-            for gen in group:
-                if gen.caches is None:
-                    # Room for every position this request can feed the model.
-                    longest = min(self.context_length, len(gen.prompt) + gen.params.max_tokens - 1)
-                    model.setup_cache(1, longest)
-                    gen.caches = [block.attn.cache for block in model.blocks]
-            for i, block in enumerate(model.blocks):
-                caches = [gen.caches[i] for gen in group]
-                block.attn.cache = nn.ModuleList(caches) if len(group) > 1 else caches[0]
-            try:
-                device = model.emb.tok.weight.device
-                new = torch.tensor([gen.tokens[gen.cached:] for gen in group], device=device)  # (n, T)
-                positions = [gen.cached for gen in group]  # T is 1 whenever n > 1
-                logits = model(new, start_pos=positions if len(group) > 1 else positions[0])[:, -1]  # (n, V)
-            finally:
-                model.clear_cache()  # the caches stay with their requests
-            tokens = []
-            for row, gen in enumerate(group):
-                p = gen.params
-                token = int(sample(logits[row:row + 1], p.temperature, p.top_k, p.top_p, gen.generator)[0])
-                gen.cached = len(gen.tokens)
-                gen.tokens.append(token)
-                tokens.append(token)
+        start, lengths = len(self._rows), [len(gen.prompt) for gen in group]
+        self._reserve(start + len(group))
+        use_decode_layout(model)  # cheap when already done; undone if the model trained since
+        width = max(lengths)
+        device = self._cache.k.device
+        ids = torch.tensor([gen.prompt + [0] * (width - len(gen.prompt)) for gen in group],
+                           device=device)  # (n, T): padding sits after each prompt, unseen by it
+        logits = model(ids, self._cache.rows(start, start + len(group)), positions=0)  # (n, T, V)
+        last = logits[torch.arange(len(group), device=device),
+                      torch.tensor(lengths, device=device) - 1]  # (n, V): at each last prompt token
+        tokens = self._sample(group, last)
+        for gen in group:
+            gen.cached = len(gen.prompt)
+        self._rows += group
         return tokens
+
+    def _reserve(self, rows: int) -> None:
+        """Make room for `rows` requests in the cache, growing it by doubling (up to
+        `max_active` rows), so a quiet server holds the cache of a few requests, not of all."""
+        have = 0 if self._cache is None else self._cache.batch_size
+        if rows <= have:
+            return
+        cache = self.model.new_cache(min(self.max_active, max(rows, 2 * have)), self.context_length)
+        if self._cache is not None:  # the rows in use keep their keys and values
+            cache.k[:, :have], cache.v[:, :have] = self._cache.k, self._cache.v
+        self._cache = cache
+
+    @torch.inference_mode()
+    def _decode(self, group: list[Generation]) -> list[int]:
+        """Feed every decoding request its newest token at its own position, all in one
+        call on cache rows 0 .. n-1 (theirs, in order); sample each one's next token."""
+        device = self._cache.k.device
+        newest = torch.tensor([[gen.tokens[-1]] for gen in group], device=device)  # (n, 1)
+        cached = [gen.cached for gen in group]
+        # One shared position (e.g. a single request) takes the model's unmasked fast path.
+        positions = cached[0] if len(set(cached)) == 1 else torch.tensor(cached, device=device)
+        logits = self.model(newest, self._cache.rows(0, len(group)), positions=positions)[:, -1]  # (n, V)
+        tokens = self._sample(group, logits)
+        for gen in group:
+            gen.cached += 1
+        return tokens
+
+    def _sample(self, group: list[Generation], logits: torch.Tensor) -> list[int]:
+        """Sample each request's next token from its row of `logits` (n, V), with its own
+        settings and generator, and append it to the request's tokens."""
+        tokens = []
+        for row, gen in enumerate(group):
+            p = gen.params
+            token = int(sample(logits[row:row + 1], p.temperature, p.top_k, p.top_p, gen.generator)[0])
+            gen.tokens.append(token)
+            tokens.append(token)
+        return tokens
+
+    @torch.inference_mode()
+    def _free_rows(self, gens: list[Generation]) -> None:
+        """Give back the cache rows of these requests: the last row in use moves into each
+        hole, so that the rows in use stay 0 .. n-1, one view for the decoding call."""
+        for gen in gens:
+            if gen not in self._rows:  # never prefilled, or its prompt step failed
+                continue
+            hole, last = self._rows.index(gen), len(self._rows) - 1
+            if hole != last:
+                self._cache.copy_row(last, hole, self._rows[last].cached)
+                self._rows[hole] = self._rows[last]
+            self._rows.pop()
