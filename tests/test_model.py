@@ -76,6 +76,17 @@ def test_sdpa_and_math_agree_at_per_row_positions(tiny_cfg):
     assert (a - b).abs().max() < 1e-5
 
 
+def test_logits_at_one_position_per_row_equal_the_full_logits(tiny_cfg):
+    model = GPTModel(tiny_cfg).eval()
+    idx = torch.randint(0, tiny_cfg.vocab_size, (3, 10))
+    at = torch.tensor([9, 0, 4])
+    with torch.no_grad():
+        full = model(idx)  # (3, 10, V)
+        picked = model(idx, logits_at=at)  # (3, 1, V)
+    assert picked.shape == (3, 1, tiny_cfg.vocab_size)
+    assert torch.allclose(picked[:, 0], full[torch.arange(3), at], atol=1e-6)
+
+
 def test_cache_rows_share_memory_and_a_copied_row_decodes_the_same(tiny_cfg):
     model = GPTModel(tiny_cfg).eval()
     seq = torch.randint(0, tiny_cfg.vocab_size, (1, 9))

@@ -73,9 +73,9 @@ def keyed_url(dirs):
 class SlowModel(GPTModel):
     """The tiny model, 30 ms per forward pass: long enough to disconnect or time out mid-way."""
 
-    def forward(self, idx, cache=None, positions=None):
+    def forward(self, idx, cache=None, positions=None, logits_at=None):
         time.sleep(0.03)
-        return super().forward(idx, cache, positions)
+        return super().forward(idx, cache, positions, logits_at)
 
 
 @pytest.fixture(scope="module")
@@ -511,10 +511,10 @@ class FlakyModel(GPTModel):
 
     failing = True
 
-    def forward(self, idx, cache=None, positions=None):
+    def forward(self, idx, cache=None, positions=None, logits_at=None):
         if self.failing and cache is not None and idx.shape[0] > 1 and idx.shape[1] == 1:
             raise RuntimeError("the batched step broke")
-        return super().forward(idx, cache, positions)
+        return super().forward(idx, cache, positions, logits_at)
 
 
 def test_a_failed_batch_ends_its_requests_with_an_error_and_serving_goes_on(lm):

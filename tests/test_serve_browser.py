@@ -37,9 +37,9 @@ API_KEY = "browser-key"
 class SlowModel(GPTModel):
     """40 ms per forward pass, so the page is caught while text is still streaming in."""
 
-    def forward(self, idx, cache=None, positions=None):
+    def forward(self, idx, cache=None, positions=None, logits_at=None):
         time.sleep(0.04)
-        return super().forward(idx, cache, positions)
+        return super().forward(idx, cache, positions, logits_at)
 
 
 @pytest.fixture(scope="module")

@@ -209,10 +209,12 @@ def _positions(values: list[int], device: torch.device) -> int | torch.Tensor:
     return torch.tensor(values, device=device)
 
 
-def _last_logits(logits: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Each row's logits at its last real token: (B, T, V) -> (B, V)."""
-    rows = torch.arange(len(lengths), device=logits.device)
-    return logits[rows, torch.tensor(lengths, device=logits.device) - 1]
+def _last_logits(model: GPTModel, ids: torch.Tensor, lengths: list[int],
+                 cache: KVCache | None = None) -> torch.Tensor:
+    """Run right-padded rows `ids` (B, T) from position 0 and return each row's logits at
+    its last real token, (B, V)."""
+    last = torch.tensor(lengths, device=ids.device) - 1  # (B,)
+    return model(ids, cache, 0 if cache is not None else None, logits_at=last)[:, 0]
 
 
 def prefill(model: GPTModel, cache: KVCache, ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -222,7 +224,7 @@ def prefill(model: GPTModel, cache: KVCache, ids: torch.Tensor, lengths: list[in
     lengths[b] and beyond, which the row's next tokens overwrite in the cache before
     any query can see them.
     """
-    return _last_logits(model(ids, cache, positions=0), lengths)
+    return _last_logits(model, ids, lengths, cache)
 
 
 def decode_one(model: GPTModel, cache: KVCache | None, tokens: torch.Tensor,
@@ -261,7 +263,7 @@ def _window_logits(model: GPTModel, tokens: torch.Tensor, lengths: list[int],
     # A shorter window is followed by ids that are not its own: causal attention keeps
     # them from changing its logits.
     windows = tokens[rows].gather(1, index)  # (n, W)
-    return _last_logits(model(windows), sizes)
+    return _last_logits(model, windows, sizes)
 
 
 @torch.inference_mode()

@@ -224,7 +224,7 @@ class GPTModel(nn.Module):
         if init == "gpt2":
             self._init_gpt2()
         elif init != "torch":  # "torch": PyTorch's default layer init, as the book's model has
-            raise ValueError(f"init must be 'gpt2' or 'torch', not {init!r}")
+            raise BadInputError(f"init must be 'gpt2' or 'torch', not {init!r}")
 
     def _init_gpt2(self) -> None:
         """GPT-2's initialisation: N(0, 0.02) weights, zero biases, and the layers that
@@ -242,8 +242,13 @@ class GPTModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                positions: Positions | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for ids idx (B, T); with a cache, at `positions` (an int or (B,))."""
+                positions: Positions | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for ids idx (B, T); with a cache, at `positions` (an int or (B,)).
+
+        `logits_at` (B,) picks one position per row whose logits are wanted, (B, 1, V):
+        generation needs only each prompt's last, and the output head over a whole
+        prompt is the biggest matmul of a prefill.
+        """
         self._check_input(idx, cache, positions)
         if cache is None:
             positions, mask = 0, None
@@ -252,7 +257,9 @@ class GPTModel(nn.Module):
         x = self.drop(self.emb(idx, positions))  # (B, T, D)
         for block in self.blocks:
             x = block(x, cache, positions, mask)
-        return self.out_head(self.final_norm(x))  # (B, T, V)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]  # (B, 1, D)
+        return self.out_head(self.final_norm(x))  # (B, T or 1, V)
 
     @staticmethod
     def _cache_mask(T: int, positions: Positions, device: torch.device) -> torch.Tensor | None:
@@ -274,30 +281,30 @@ class GPTModel(nn.Module):
         B, T = idx.shape
         end = T  # one past the last position written
         if cache is None and positions is not None:
-            raise ValueError("positions need a KV cache: pass cache=model.new_cache(batch_size) too")
+            raise BadInputError("positions need a KV cache: pass cache=model.new_cache(batch_size) too")
         if cache is not None:
             self._check_cache(cache, B)
             if isinstance(positions, torch.Tensor):
                 if positions.shape != (B,) or positions.dtype not in (torch.long, torch.int32):
-                    raise ValueError(f"per-row positions must be an integer tensor with one per row, "
+                    raise BadInputError(f"per-row positions must be an integer tensor with one per row, "
                                      f"shape ({B},), got {tuple(positions.shape)} of {positions.dtype}")
                 if positions.device != idx.device:
-                    raise ValueError(f"positions are on {positions.device} but the ids on {idx.device}")
+                    raise BadInputError(f"positions are on {positions.device} but the ids on {idx.device}")
                 first, last = (int(positions.min()), int(positions.max())) if B else (0, 0)
             elif isinstance(positions, int) and not isinstance(positions, bool):
                 first = last = positions
             else:
-                raise ValueError(f"with a KV cache, positions must be an int (the first new position "
+                raise BadInputError(f"with a KV cache, positions must be an int (the first new position "
                                  f"of every row) or a ({B},) tensor, one per row; got {positions!r}")
             if first < 0:
-                raise ValueError(f"positions must not be negative, got {first}")
+                raise BadInputError(f"positions must not be negative, got {first}")
             end = last + T
         if end > self.cfg.context_length:
             raise BadInputError(f"sequence of {end} tokens is longer than the model's context length "
                                 f"({self.cfg.context_length}); crop the input to the last "
                                 f"{self.cfg.context_length} tokens")
         if cache is not None and end > cache.max_len:
-            raise ValueError(f"positions up to {end} do not fit a KV cache of {cache.max_len}: "
+            raise BadInputError(f"positions up to {end} do not fit a KV cache of {cache.max_len}: "
                              f"make it with model.new_cache(batch_size, max_len={end}) or more")
         if idx.numel() and not torch.compiler.is_compiling():
             lo, hi = int(idx.min()), int(idx.max())
@@ -308,11 +315,11 @@ class GPTModel(nn.Module):
     def _check_cache(self, cache: KVCache, batch_size: int) -> None:
         L, rows, H, _, hd = cache.k.shape
         if (L, H, hd) != (self.cfg.n_layers, self.cfg.n_heads, self.cfg.head_dim):
-            raise ValueError(f"the KV cache has {L} layers of {H} heads of size {hd}, this model "
+            raise BadInputError(f"the KV cache has {L} layers of {H} heads of size {hd}, this model "
                              f"{self.cfg.n_layers} of {self.cfg.n_heads} of {self.cfg.head_dim}: "
                              f"make it with this model's new_cache()")
         if rows != batch_size:
-            raise ValueError(f"the KV cache has {rows} rows but the ids {batch_size}: one row per "
+            raise BadInputError(f"the KV cache has {rows} rows but the ids {batch_size}: one row per "
                              f"sequence (cache.rows(start, end) views some of them)")
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

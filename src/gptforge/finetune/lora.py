@@ -19,6 +19,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from gptforge.errors import BadInputError
+
 
 class LoRALinear(nn.Module):
     """An nn.Linear plus a trainable low-rank update."""
@@ -26,7 +28,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
         super().__init__()
         if rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+            raise BadInputError(f"LoRA rank must be at least 1, got {rank}")
         self.base, self.rank, self.alpha = base, rank, alpha
         self.A = nn.Parameter(torch.empty(base.in_features, rank, device=base.weight.device))
         self.B = nn.Parameter(torch.zeros(rank, base.out_features, device=base.weight.device))
@@ -142,9 +144,9 @@ def lora_settings(model: nn.Module) -> dict:
     """{"rank", "alpha", "targets"} of a model wrapped by `apply_lora` (raises if it is not)."""
     wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     if not wrapped:
-        raise ValueError("the model has no LoRA adapters; call apply_lora first")
+        raise BadInputError("the model has no LoRA adapters; call apply_lora first")
     ranks = {m.rank for _, m in wrapped}
     alphas = {float(m.alpha) for _, m in wrapped}
     if len(ranks) > 1 or len(alphas) > 1:
-        raise ValueError("all adapters of a saved LoRA run must share one rank and alpha")
+        raise BadInputError("all adapters of a saved LoRA run must share one rank and alpha")
     return {"rank": ranks.pop(), "alpha": alphas.pop(), "targets": [name for name, _ in wrapped]}

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from gptforge.errors import BadInputError
 from gptforge.generate import check_sampling, sample, use_decode_layout
 from gptforge.model import GPTModel, KVCache
 
@@ -47,7 +48,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise BadInputError(f"max_tokens must be at least 1, got {self.max_tokens}")
         check_sampling(self.temperature, self.top_k, self.top_p)
 
 
@@ -143,7 +144,7 @@ class Engine:
     def __init__(self, model: GPTModel, tokenizer, eos_id: int | None = None,
                  max_active: int = 16) -> None:
         if max_active < 1:
-            raise ValueError(f"max_active must be at least 1, got {max_active}")
+            raise BadInputError(f"max_active must be at least 1, got {max_active}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = eos_id
@@ -187,9 +188,9 @@ class Engine:
         one is sampled from a full context.
         """
         if not prompt:
-            raise ValueError("the prompt is empty: give at least one token")
+            raise BadInputError("the prompt is empty: give at least one token")
         if len(prompt) > self.context_length:
-            raise ValueError(f"the prompt has {len(prompt)} tokens but the model's context length "
+            raise BadInputError(f"the prompt has {len(prompt)} tokens but the model's context length "
                              f"is {self.context_length}: shorten the prompt")
         generator = None
         if params.seed is not None:
@@ -340,10 +341,10 @@ class Engine:
         device = self._cache.k.device
         ids = torch.tensor([gen.prompt + [0] * (width - len(gen.prompt)) for gen in group],
                            device=device)  # (n, T): padding sits after each prompt, unseen by it
-        logits = model(ids, self._cache.rows(start, start + len(group)), positions=0)  # (n, T, V)
-        last = logits[torch.arange(len(group), device=device),
-                      torch.tensor(lengths, device=device) - 1]  # (n, V): at each last prompt token
-        tokens = self._sample(group, last)
+        last = torch.tensor(lengths, device=device) - 1  # each prompt's last token
+        logits = model(ids, self._cache.rows(start, start + len(group)), positions=0,
+                       logits_at=last)[:, 0]  # (n, V)
+        tokens = self._sample(group, logits)
         for gen in group:
             gen.cached = len(gen.prompt)
         self._rows += group
