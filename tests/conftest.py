@@ -131,3 +131,10 @@ def verdict_text(fetch) -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def current_checkpoint(run: Path) -> Path:
+    """The directory of a training run's current checkpoint (its weights and training state)."""
+    import json
+
+    return run / json.loads((run / "gptforge.json").read_text())["checkpoint"]

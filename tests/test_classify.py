@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import current_checkpoint
 from gptforge import GPTConfig, GPTModel, load
 from gptforge.checkpoint import ClassifierSettings, RunMeta, save_model
 from gptforge.cli import main
@@ -245,8 +246,9 @@ def test_lora_classifier_saves_adapters_and_resumes_unmerged(tmp_path):
     with torch.no_grad():
         expected = class_logits(model.eval(), ids, lengths)
         # Adapters and the new head only, over a frozen copy of the fresh base in run/base.
-        assert (tmp_path / "run" / "adapter.safetensors").is_file()
-        assert not (tmp_path / "run" / "model.safetensors").exists()
+        current = current_checkpoint(tmp_path / "run")
+        assert (current / "adapter.safetensors").is_file()
+        assert not (current / "model.safetensors").exists()
         assert (tmp_path / "run" / "base" / "model.safetensors").is_file()
         merged = load(tmp_path / "run")  # a plain model, loadable by any command
         assert not any(isinstance(m, LoRALinear) for m in merged.modules())
@@ -282,8 +284,9 @@ def test_finetune_and_classify_end_to_end(tmp_path, capsys):
     assert "Classes: ham, spam. Examples: 1045 train, 149 validation, 300 test" in out
     assert "Test accuracy:" in out and "confusion matrix" in out
     for name in ("train.csv", "validation.csv", "test.csv", "loss.png", "accuracy.png",
-                 "test_metrics.json", "metrics.jsonl", "model.safetensors", "gptforge.json"):
+                 "test_metrics.json", "metrics.jsonl", "gptforge.json"):
         assert (run / name).is_file(), name
+    assert (current_checkpoint(run) / "model.safetensors").is_file()
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert metrics["test"]["labels"] == ["ham", "spam"] and metrics["test"]["positive_class"] == "spam"
     assert sum(map(sum, metrics["test"]["confusion_matrix"])) == 300

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from conftest import current_checkpoint
 from gptforge import GPTConfig, GPTModel, load, read_run
 from gptforge.checkpoint import RunMeta, save_model
 from gptforge.cli import main
@@ -273,9 +274,10 @@ def _train(tiny_dir, out, *extra):
 def test_finetune_ask_evaluate_end_to_end(tiny_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(tiny_dir, run, "--mask-prompt") == 0
-    for name in ("model.safetensors", "gptforge.json", "train.json", "val.json", "test.json",
+    for name in ("gptforge.json", "train.json", "val.json", "test.json",
                  "responses.json", "metrics.jsonl", "loss.png"):
         assert (run / name).is_file(), name
+    assert (current_checkpoint(run) / "model.safetensors").is_file()
     assert len(json.loads((run / "train.json").read_text())) == 935
     responses = json.loads((run / "responses.json").read_text())
     test = json.loads((run / "test.json").read_text())
@@ -303,7 +305,9 @@ def test_finetune_ask_evaluate_end_to_end(tiny_dir, tmp_path, capsys):
 def test_lora_run_resume_and_merge(tiny_dir, tmp_path, capsys):
     run = tmp_path / "lora"
     assert _train(tiny_dir, run, "--lora-rank", "4", "--lora-alpha", "8", "--stop-after", "1") == 0
-    assert not (run / "model.safetensors").exists() and not (run / "responses.json").exists()
+    assert not (run / "responses.json").exists()
+    assert {p.name for p in current_checkpoint(run).iterdir()} == {"adapter.safetensors", "gptforge.json",
+                                                                 "training_state.pt"}
     assert json.loads((run / "gptforge.json").read_text())["step"] == 1
     assert main(["finetune", "instruct", "--resume", str(run), "--max-test", "2",
                  "--max-new-tokens", "4", "--no-progress"]) == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import current_checkpoint
 from gptforge import GPTConfig, GPTModel, load
 from gptforge.checkpoint import RunMeta
 from gptforge.cli import main
@@ -157,9 +158,12 @@ def test_pretrain_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pretrain", *TINY, "--max-steps", "4", "--eval-every", "2", "--out", str(out),
                  "--no-progress"]) == 0
-    for name in ("model.safetensors", "gptforge.json", "training_state.pt", "metrics.jsonl",
-                 "loss.png", "train_config.json"):
+    for name in ("gptforge.json", "metrics.jsonl", "loss.png", "train_config.json"):
         assert (out / name).is_file(), name
+    current = out / json.loads((out / "gptforge.json").read_text())["checkpoint"]
+    assert current.parent.name == "checkpoints"
+    for name in ("model.safetensors", "gptforge.json", "training_state.pt"):
+        assert (current / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 3, 4]
     assert {"step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr", "tokens_per_s"} <= set(records[0])
@@ -190,7 +194,7 @@ def test_pretrain_on_a_token_file(tmp_path, verdict_text):
     out = tmp_path / "run"
     assert main(["pretrain", *TINY, "--data", str(tokens), "--max-steps", "2", "--out", str(out),
                  "--no-progress"]) == 0
-    assert (out / "model.safetensors").is_file()
+    assert (current_checkpoint(out) / "model.safetensors").is_file()
 
 
 def _run_cli(args, env_extra, nproc=None):

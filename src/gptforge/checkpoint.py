@@ -28,7 +28,7 @@ from torch import nn
 
 from gptforge.config import GPTConfig
 from gptforge.errors import CheckpointError, NotFoundError
-from gptforge.fileio import atomic_write_json, write_safetensors
+from gptforge.fileio import atomic_write_json, file_sha256, write_safetensors
 from gptforge.finetune.lora import has_lora, lora_settings, lora_state_dict, without_lora
 from gptforge.model import GPTModel
 
@@ -83,6 +83,8 @@ class RunMeta:
     data: Any = None  # what the run trained on
     source: str | None = None  # what the weights were converted or merged from
     val_loss: float | None = None  # set on a best/ checkpoint
+    sha256: dict[str, str] | None = None  # of each weights file, checked when it is loaded
+    checkpoint: str | None = None  # a run's current checkpoint directory, relative to the run
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -102,7 +104,8 @@ class RunMeta:
                                "model": self.model.to_dict()}
         if self.num_outputs is not None:
             out["head"] = {"outputs": self.num_outputs, "bias": self.head_bias}
-        for name in ("step", "base_model", "template", "instruct", "data", "source", "val_loss"):
+        for name in ("step", "base_model", "template", "instruct", "data", "source", "val_loss", "sha256",
+                     "checkpoint"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.lora is not None:
@@ -169,6 +172,7 @@ def _fields_v2(data: dict[str, Any]) -> dict[str, Any]:
         template=data.get("template"), instruct=data.get("instruct"),
         classifier=ClassifierSettings(**data["classifier"]) if data.get("classifier") else None,
         data=data.get("data"), source=data.get("source"), val_loss=data.get("val_loss"),
+        sha256=data.get("sha256"), checkpoint=data.get("checkpoint"),
     )
 
 
@@ -239,32 +243,47 @@ def save_model(model: GPTModel, out_dir: str | os.PathLike, meta: RunMeta | None
     outputs = head.out_features if head.out_features != model.cfg.vocab_size or head.bias is not None else None
     meta = meta.replace(model=model.cfg, num_outputs=outputs, head_bias=head.bias is not None)
     if has_lora(model):
-        if not meta.base_model or meta.base_model.startswith("init:") or meta.base_model == BASE_DIR:
+        if not meta.base_model or meta.base_model.startswith("init:"):
             if not is_gptforge_dir(out / BASE_DIR):
                 save_model(without_lora(model), out / BASE_DIR, RunMeta(model=model.cfg,
                                                                         base_model=meta.base_model))
             meta = meta.replace(base_model=BASE_DIR)
         settings = lora_settings(model)
         meta = meta.replace(lora=LoRASettings(settings["rank"], settings["alpha"], settings["targets"]))
-        write_safetensors(out / ADAPTER_NAME, lora_state_dict(model), metadata={"format": "pt"})
+        digest = write_safetensors(out / ADAPTER_NAME, lora_state_dict(model), metadata={"format": "pt"})
         (out / WEIGHTS_NAME).unlink(missing_ok=True)  # a stale full model would shadow the adapters
+        meta = meta.replace(sha256={ADAPTER_NAME: digest})
     else:
-        meta = meta.replace(lora=None)
-        write_safetensors(out / WEIGHTS_NAME, model_state(model), metadata={"format": "pt"})
-    meta.write(out)
+        digest = write_safetensors(out / WEIGHTS_NAME, model_state(model), metadata={"format": "pt"})
+        meta = meta.replace(lora=None, sha256={WEIGHTS_NAME: digest})
+    meta.replace(checkpoint=None).write(out)
     return out
 
 
-def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; CheckpointError for a file that does not parse."""
+def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu",
+                 sha256: str | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, checked: it parses and, with `verify`, matches
+    `sha256` (when one is recorded) and holds no NaN or infinity. A CheckpointError
+    names the file and what to do."""
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"{path} is missing; the directory holds no weights")
+    if verify and sha256 is not None and file_sha256(path) != sha256:
+        raise CheckpointError(f"{path} does not have the sha256 recorded in {META_NAME}: the file "
+                              f"was changed or damaged after it was saved; save or download it again "
+                              f"(or load with verify=False / gptforge --no-verify to use it anyway)")
     try:
-        return load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be "
                               f"truncated or corrupt: save or download the model again") from None
+    if verify:
+        bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise CheckpointError(f"{path} holds NaN or infinite values in {', '.join(bad[:5])}"
+                                  f"{' ...' if len(bad) > 5 else ''}: the model was saved after training "
+                                  f"diverged; use an earlier checkpoint")
+    return tensors
 
 
 def build_model(cfg: GPTConfig, state: dict[str, torch.Tensor], num_outputs: int | None = None,

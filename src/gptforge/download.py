@@ -33,6 +33,7 @@ from typing import Union
 from tqdm.auto import tqdm
 
 from gptforge.errors import BadInputError, DownloadError  # DownloadError is part of this API
+from gptforge.fileio import file_sha256  # noqa: F401  (part of this module's API too)
 
 logger = logging.getLogger(__name__)
 
@@ -251,15 +252,6 @@ def default_cache_dir() -> Path:
     """Return the cache folder: `$GPTFORGE_CACHE` if set, else `~/.cache/gptforge`."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "gptforge"
-
-
-def file_sha256(path: PathLike) -> str:
-    """Return the hex sha256 digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(

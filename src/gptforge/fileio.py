@@ -9,14 +9,18 @@ survives a crash. A reader sees the old file or the new one, never a mix.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from gptforge import faults
 
 _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -53,6 +57,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_args: Any) ->
     try:
         with open(tmp, mode, **open_args) as f:
             yield f
+            faults.reach(f"write:{path.name}")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -80,8 +85,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` to a safetensors file atomically, one tensor at a time.
+                      metadata: dict[str, str] | None = None) -> str:
+    """Write `tensors` to a safetensors file atomically, one tensor at a time; return its sha256.
 
     Unlike `safetensors.torch.save_file`, the tensors may be non-contiguous views
     (transposes, a weight in another memory layout): each is made contiguous only
@@ -99,10 +104,47 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    digest = hashlib.sha256()
     with atomic_write(path) as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for tensor in tensors.values():
-            data = tensor.detach().to("cpu").contiguous().reshape(-1)
-            if data.numel():
-                f.write(data.view(torch.uint8).numpy().data)
+        for chunk in _safetensors_chunks(blob, tensors.values()):
+            f.write(chunk)
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _safetensors_chunks(header: bytes, tensors) -> Iterator[bytes | memoryview]:
+    yield struct.pack("<Q", len(header))
+    yield header
+    for tensor in tensors:
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            yield data.view(torch.uint8).numpy().data
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Make the complete directory `tmp` appear as `final`, replacing an older one.
+
+    Each file in `tmp` was flushed when written; the directory entries are flushed
+    here, then `tmp` is renamed into place and the parent flushed. An older `final`
+    is moved aside first and removed after, so a crash leaves one of the two whole.
+    """
+    tmp, final = Path(tmp), Path(final)
+    fsync_dir(tmp)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)

@@ -27,7 +27,6 @@ from torch import nn
 
 from gptforge.checkpoint import (
     ADAPTER_NAME,
-    BASE_DIR,
     META_NAME,
     WEIGHTS_NAME,
     RunMeta,
@@ -53,6 +52,7 @@ from gptforge.pretrained.openai import HPARAMS_NAME, config_from_hparams, read_o
 # OpenAI names its downloads by parameter count: "gpt2-small" -> "124M".
 _DOWNLOAD_SIZES: dict[str, str] = {preset: alias for alias, preset in PRESET_ALIASES.items()
                                    if alias.endswith("M")}
+NO_VERIFY_ENV = "GPTFORGE_NO_VERIFY"
 _LOOKED_FOR = (f"{META_NAME} + {WEIGHTS_NAME} or {ADAPTER_NAME} (gptforge), "
                f"{HPARAMS_NAME} + model.ckpt.index (OpenAI's TensorFlow checkpoint), "
                f"{HF_CONFIG_NAME} + model.safetensors or {WEIGHTS_INDEX_NAME} (Hugging Face), "
@@ -61,16 +61,20 @@ _LOOKED_FOR = (f"{META_NAME} + {WEIGHTS_NAME} or {ADAPTER_NAME} (gptforge), "
 
 def load(source: str | os.PathLike, *, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None, for_training: bool = False,
-         verify: bool = True, download_format: str = "openai") -> GPTModel:
+         verify: bool | None = None, download_format: str = "openai") -> GPTModel:
     """Load a GPTModel from any source (see the module docstring for the kinds).
 
     The model comes in eval mode, with a LoRA run's adapters merged in. With
     `for_training`, it comes in train mode and a LoRA run keeps its adapters
     separate and trainable (the base frozen), as when it was saved. `dtype`
-    converts the weights (default: as stored). `verify=False` skips checking
-    the CRC-32Cs of TensorFlow files. A preset is downloaded in
-    `download_format` ("openai" or "hf") if it is not in the cache.
+    converts the weights (default: as stored). `verify=False` skips the checks
+    of the weights: the sha256 recorded for gptforge's files, NaN and
+    infinities, the CRC-32Cs of TensorFlow files (default: check, unless the
+    environment sets GPTFORGE_NO_VERIFY=1, as `gptforge --no-verify` does). A preset
+    is downloaded in `download_format` ("openai" or "hf") if it is not in the cache.
     """
+    if verify is None:
+        verify = os.environ.get(NO_VERIFY_ENV) != "1"
     path = resolve(source, download_format)
     kind = detect_format(path)
     if kind == "gptforge":
@@ -157,13 +161,16 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def _load_gptforge(path: Path, device, dtype, for_training: bool, verify: bool) -> GPTModel:
     meta = RunMeta.read(path)
+    if meta.checkpoint:  # a training run: its current checkpoint holds the weights
+        path = path / meta.checkpoint
+        meta = RunMeta.read(path)
     if meta.adapters_only:
         return _load_lora_run(path, meta, device, dtype, for_training, verify)
     if for_training and meta.classifier is not None and meta.classifier.trainable == "lora":
         raise CheckpointError(f"{path} is a LoRA classifier saved by gptforge 0.1 with its adapters "
                               f"merged in; it loads for use, but training cannot resume from it: "
                               f"start a new run with --model {path}")
-    state = read_weights(path / WEIGHTS_NAME, device)
+    state = read_weights(path / WEIGHTS_NAME, device, (meta.sha256 or {}).get(WEIGHTS_NAME), verify)
     model = build_model(meta.model, state, meta.num_outputs, meta.head_bias,
                         where=str(path / WEIGHTS_NAME))
     return model.to(dtype=dtype) if dtype else model
@@ -174,7 +181,8 @@ def _load_lora_run(path: Path, meta: RunMeta, device, dtype, for_training: bool,
     """The base model, wrapped with adapters as in training, holding the saved adapters."""
     if not meta.base_model:
         raise CheckpointError(f"{path / META_NAME} describes LoRA adapters but names no base_model")
-    base = path / BASE_DIR if meta.base_model == BASE_DIR else meta.base_model
+    # A relative path is the run's own copy of its base, next to (or above) the adapters.
+    base = path / meta.base_model if (path / meta.base_model).exists() else meta.base_model
     try:
         model = load(base, device=device, dtype=dtype, verify=verify)
     except NotFoundError as err:
@@ -191,7 +199,7 @@ def _load_lora_run(path: Path, meta: RunMeta, device, dtype, for_training: bool,
     if meta.lora.targets is not None and list(meta.lora.targets) != lora_settings(model)["targets"]:
         raise CheckpointError(f"the base model {meta.base_model!r} does not have the layers the "
                               f"adapters in {path} were trained for")
-    state = read_weights(path / ADAPTER_NAME, device)
+    state = read_weights(path / ADAPTER_NAME, device, (meta.sha256 or {}).get(ADAPTER_NAME), verify)
     own = dict(model.named_parameters())
     unknown = sorted(set(state) - set(own))
     missing = sorted(name for name, p in own.items() if p.requires_grad and name not in state)

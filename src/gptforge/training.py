@@ -14,27 +14,30 @@ and "on_epoch_end" after each epoch (`trainer.epoch` epochs are done).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gptforge import runtime, train_state
-from gptforge.checkpoint import RunMeta
+from gptforge import faults, runtime, train_state
+from gptforge.checkpoint import BASE_DIR, META_NAME, RunMeta, save_model
 from gptforge.data import ResumableBatchSampler
-from gptforge.errors import BadInputError
+from gptforge.errors import BadInputError, GptforgeError
 from gptforge.fileio import atomic_write_json
+from gptforge.finetune.lora import has_lora, without_lora
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,39 @@ class TrainConfig:
     compile: bool = False
     num_workers: int = 0
     stop_after: int | None = None  # pause (save and return) after this step, to resume later
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot train, naming the flag and what it takes."""
+        problems = []
+
+        def need(ok: bool, flag: str, what: str) -> None:
+            if not ok:
+                problems.append(f"--{flag.replace('_', '-')} must be {what}, not {getattr(self, flag)!r}")
+
+        def whole(value, low: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name in ("epochs", "batch_size", "grad_accum", "eval_every"):
+            need(whole(getattr(self, name), 1), name, "a whole number of at least 1")
+        for name in ("max_steps", "max_tokens", "eval_batches", "save_every", "stop_after"):
+            value = getattr(self, name)
+            need(value is None or whole(value, 1), name, "a whole number of at least 1 (or left out)")
+        for name in ("warmup_steps", "keep_last", "num_workers"):
+            need(whole(getattr(self, name), 0), name, "a whole number of at least 0")
+        need(number(self.lr) and self.lr > 0, "lr", "a finite number above 0")
+        need(self.min_lr is None or (number(self.min_lr) and 0 <= self.min_lr <= (self.lr if number(self.lr) else 0)),
+             "min_lr", "a finite number from 0 to --lr")
+        need(number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number of at least 0")
+        need(self.grad_clip is None or (number(self.grad_clip) and self.grad_clip >= 0), "grad_clip",
+             "a finite number of at least 0 (0 turns clipping off)")
+        need(len(self.betas) == 2 and all(number(b) and 0 <= b < 1 for b in self.betas), "betas",
+             "two numbers in [0, 1)")
+        need(self.precision in runtime.PRECISIONS, "precision", f"one of {', '.join(runtime.PRECISIONS)}")
+        if problems:
+            raise BadInputError("; ".join(problems))
 
 
 @dataclass
@@ -153,6 +189,16 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch, self.tokens_seen = 0, 0, 0, 0
         self.best_val = math.inf
         self.history: list[dict] = []
+        self._recent: list[float] = []  # training losses since the last evaluation
+        # The last safe point: the phases after it not yet done, the random state and the
+        # history length there. A checkpoint always describes such a point.
+        self._pending: list[str] = []
+        self._safe_rng: dict[str, Any] | None = None
+        self._safe_history = 0
+        self._stop_requested: str | None = None
+        self._last_saved: int | None = None
+        self._last_saved_moment: tuple | None = None
+        self._updating = False  # inside the optimizer update: no consistent state to save
 
     def add_callback(self, event: str, fn: Callback) -> None:
         """Call `fn(trainer)` on `event` ("on_eval" or "on_epoch_end"), on rank 0 only."""
@@ -220,7 +266,7 @@ class Trainer:
 
     def _train_step(self, micro_batches: Sequence[Any]) -> float:
         self.train_model.train()
-        total = 0.0
+        total, tokens = 0.0, 0
         for i, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
             last = i == len(micro_batches) - 1
@@ -230,13 +276,23 @@ class Trainer:
                     loss = self.loss_fn(self.train_model, batch) / len(micro_batches)
                 loss.backward()
             total += loss.detach().float()
-            self.tokens_seen += self._count_tokens(batch) * self.world_size
+            tokens += self._count_tokens(batch) * self.world_size
+        total = float(total)
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"the training loss became {total} at step {self.step + 1}; training stopped and the "
+                f"last checkpoint (step {self._last_saved}) in {self.out_dir} is kept: resume from it "
+                f"with a lower --lr (now {self.cfg.lr}), warmup (--warmup-steps) or --grad-clip")
+        self._updating = True
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(total)
+        self.tokens_seen += tokens
+        self._updating = False
+        return total
 
     # -- evaluation ------------------------------------------------------------------
     @torch.no_grad()
@@ -249,6 +305,8 @@ class Trainer:
         for b, batch in enumerate(loader):
             if max_batches is not None and b >= max_batches:
                 break
+            if self._stop_requested:  # a long evaluation gives way; it is redone on resume
+                raise _Stop
             batch = self._to_device(batch)
             with runtime.autocast(self.device, self.amp_dtype):
                 sums[0] += float(self.loss_fn(self.model, batch))
@@ -276,114 +334,196 @@ class Trainer:
             record[f"train_{name}"], record[f"val_{name}"] = train.get(name), val.get(name)
         self.history.append(record)
         if self.rank == 0:
-            with open(self.out_dir / train_state.METRICS_NAME, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            train_state.append_metrics(self.out_dir, record)
         self._trigger("on_eval")
         return record
 
     # -- checkpoints -----------------------------------------------------------------
-    def state_dict(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Everything besides the weights that an exact resume needs."""
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that an exact resume needs, at the last safe point."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "tokens_seen": self.tokens_seen, "best_val": self.best_val,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng or train_state.capture_rng(), "history": self.history,
+                "rng": self._safe_rng or train_state.capture_rng(), "pending": list(self._pending),
+                "recent_losses": list(self._recent), "history": self.history[:self._safe_history],
                 "config": asdict(self.cfg)}
 
-    def save_checkpoint(self, rng: dict[str, Any] | None = None, periodic: bool = False) -> None:
-        """Write the model and the full training state to the run directory (rank 0 only).
+    def save_checkpoint(self, periodic: bool = False) -> None:
+        """Write a complete checkpoint of the run as it stands (rank 0 only) and make it current.
 
-        A periodic checkpoint also keeps a copy under checkpoints/step-N (the last
-        `keep_last` of them) and, when its validation loss is the lowest so far, in best/.
+        The last `keep_last` checkpoints stay (at least one). A periodic checkpoint whose
+        validation loss is the lowest so far is also kept in best/.
         """
         if self.rank != 0:
             return
+        moment = (self.step, self._safe_history, tuple(self._pending))
+        if moment == self._last_saved_moment:
+            return  # this moment is the current checkpoint already
+        self._ensure_base()
         val = self.history[-1].get("val_loss") if (periodic and self.history) else None
         if val is not None and val < self.best_val:
             self.best_val = val
             train_state.save_best(self.out_dir, self.model, self.meta, self.step, val)
-        train_state.save_checkpoint(self.out_dir, self.model, self.meta, self.state_dict(rng))
-        if periodic:
-            train_state.keep_copy(self.out_dir, self.model, self.meta, self.step, self.cfg.keep_last)
+        train_state.save_checkpoint(self.out_dir, self.model, self.meta, self.state_dict(), self.cfg.keep_last)
+        self._last_saved, self._last_saved_moment = self.step, moment
+        log.info("checkpoint of step %d saved in %s", self.step, self.out_dir)
+
+    def _ensure_base(self) -> None:
+        """A LoRA run on a model that cannot be loaded again (a fresh one) keeps one frozen
+        copy of it in base/, which every checkpoint's adapters refer to."""
+        base = self.meta.base_model
+        if has_lora(self.model) and (not base or base.startswith("init:")):
+            save_model(without_lora(self.model), self.out_dir / BASE_DIR,
+                       RunMeta(model=self.model.cfg, base_model=base))
+            self.meta = self.meta.replace(base_model=BASE_DIR)
 
     def resume(self, run_dir: str | os.PathLike | None = None) -> None:
-        """Restore optimizer, schedule, RNG and data position saved in `run_dir`.
+        """Restore optimizer, schedule, RNG, data position and unfinished work of the run's
+        current checkpoint.
 
-        The model weights must already be the run's (`gptforge.load(run_dir,
-        for_training=True)`); this restores everything else, so training continues
-        as if it had never stopped.
+        The model weights must already be the same checkpoint's (`gptforge.load(run_dir,
+        for_training=True)`); this restores everything else, so training continues as
+        if it had never stopped. metrics.jsonl is rewritten to the checkpoint's history.
         """
-        state = train_state.load_training_state(run_dir or self.out_dir)
+        run = Path(run_dir or self.out_dir)
+        state, folder = train_state.load_training_state(run)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.tokens_seen = state["batch_in_epoch"], state["tokens_seen"]
         self.best_val, self.history = state["best_val"], state["history"]
+        self._pending, self._recent = list(state.get("pending", [])), list(state.get("recent_losses", []))
         train_state.restore_rng(state["rng"])
+        self._safe_rng, self._safe_history, self._last_saved = state["rng"], len(self.history), self.step
+        self.meta = self.meta.replace(base_model=RunMeta.read(run).base_model or self.meta.base_model)
+        if self.rank == 0:
+            train_state.write_metrics(self.out_dir, self.history)
+        log.info("resuming from the checkpoint of step %d in %s", self.step, folder)
+
+    # -- interruptions ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def _deferred_signals(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop at its next safe point, where it
+        saves a checkpoint it can resume from exactly; a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask_to_stop(signum, frame) -> None:
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = signal.Signals(signum).name
+            log.warning("%s: stopping at the next safe point (again to stop at once)", self._stop_requested)
+
+        previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _safe_point(self, pending: Sequence[str] = ()) -> None:
+        """Everything up to here is done and the phases in `pending` are not: remember the
+        random state for a checkpoint of this moment, and stop here if asked to."""
+        self._pending, self._safe_rng = list(pending), train_state.capture_rng()
+        self._safe_history = len(self.history)
+        stop = torch.tensor(1.0 if self._stop_requested else 0.0)
+        if runtime.all_reduce_sum(stop) > 0:  # every process stops at the same point
+            raise _Stop
+
+    def _run_phases(self, phases: list[str], tokens_per_s: float = 0.0) -> None:
+        """The work that follows an optimizer step, in order: "eval", "save", "epoch_end"."""
+        for i, phase in enumerate(phases):
+            self._safe_point(phases[i:])
+            if phase == "eval":
+                faults.reach("eval")
+                self._evaluate_and_log(self._recent, tokens_per_s)
+                self._recent = []
+            elif phase == "save":
+                self._pending = phases[i + 1:]  # the checkpoint is of the moment after this phase
+                self.save_checkpoint(periodic=True)
+            elif phase == "epoch_end":
+                faults.reach("epoch_end")
+                self._trigger("on_epoch_end")
+        self._safe_point()
 
     # -- the loop --------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        """Train until the budget (epochs, steps or tokens) is spent; return the history."""
+        """Train until the budget (epochs, steps or tokens) is spent; return the history.
+
+        Interrupted by a signal, it saves a checkpoint of the last safe point and
+        raises KeyboardInterrupt; `stop_after` pauses the same way but returns.
+        """
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg
         if self.rank == 0:
             atomic_write_json(self.out_dir / train_state.TRAIN_CONFIG_NAME, asdict(cfg))
+            if not (self.out_dir / META_NAME).is_file():  # what the run is, before any checkpoint
+                self.meta.replace(checkpoint=None).write(self.out_dir)
         bar = None
         if self.progress and self.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
-        recent: list[float] = []
         t_last, tokens_last = time.perf_counter(), self.tokens_seen
-        rng_at_step_start = train_state.capture_rng()
-        interrupted = False
-        try:
-            while self.step < self.total_steps:
-                self.train_sampler.epoch = self.epoch
-                self.train_sampler.start_batch = self.batch_in_epoch
-                micro: list[Any] = []
-                for batch in self.train_loader:
-                    micro.append(batch)
-                    if len(micro) < cfg.grad_accum:
-                        continue
-                    rng_at_step_start = train_state.capture_rng()
-                    recent.append(self._train_step(micro))
-                    micro = []
-                    self.step += 1
-                    self.batch_in_epoch += cfg.grad_accum
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{recent[-1]:.3f}", epoch=self.epoch + 1)
-                    if (self.step - 1) % cfg.eval_every == 0 or self.step == self.total_steps:
+        paused = False
+        with self._deferred_signals():
+            try:
+                if self.step == 0 and not self.history:
+                    self._safe_point()
+                    self.save_checkpoint()  # a run killed before its first save starts over from here
+                self._run_phases(self._pending)  # work an interruption left undone
+                while self.step < self.total_steps and not paused:
+                    self.train_sampler.epoch = self.epoch
+                    self.train_sampler.start_batch = self.batch_in_epoch
+                    micro: list[Any] = []
+                    for batch in self.train_loader:
+                        micro.append(batch)
+                        if len(micro) < cfg.grad_accum:
+                            continue
+                        self._recent.append(self._train_step(micro))
+                        micro = []
+                        self.step += 1
+                        self.batch_in_epoch += cfg.grad_accum
+                        faults.reach("step")
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix(loss=f"{self._recent[-1]:.3f}", epoch=self.epoch + 1)
+                        phases = []
+                        if (self.step - 1) % cfg.eval_every == 0 or self.step == self.total_steps:
+                            phases.append("eval")
+                        if cfg.save_every and self.step % cfg.save_every == 0:
+                            phases.append("save")
                         now = time.perf_counter()
                         rate = (self.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-                        self._evaluate_and_log(recent, rate)
-                        recent, t_last, tokens_last = [], time.perf_counter(), self.tokens_seen
-                    if cfg.save_every and self.step % cfg.save_every == 0:
-                        self.save_checkpoint(periodic=True)
-                    if self.step >= self.total_steps or self.step == cfg.stop_after:
-                        break
-                if self.batch_in_epoch + cfg.grad_accum > len(self.train_sampler):
-                    # The epoch ran out of batches (a partial accumulation is dropped).
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    self._trigger("on_epoch_end")
-                if self.step == cfg.stop_after and self.step < self.total_steps:
-                    interrupted = True
-                    break
-        except KeyboardInterrupt:
-            interrupted = True
-            log.warning("interrupted: saving a checkpoint at step %d to resume from", self.step)
-            # The step in flight is dropped; its RNG draws are rewound with it.
-            self.save_checkpoint(rng_at_step_start)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        self.save_checkpoint()
+                        self._run_phases(phases, rate)
+                        if "eval" in phases:
+                            t_last, tokens_last = time.perf_counter(), self.tokens_seen
+                        paused = self.step == cfg.stop_after and self.step < self.total_steps
+                        if self.step >= self.total_steps or paused:
+                            break
+                    if self.batch_in_epoch + cfg.grad_accum > len(self.train_sampler):
+                        # The epoch ran out of batches (a partial accumulation is dropped).
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                        self._run_phases(["epoch_end"])
+            except _Stop:
+                self.save_checkpoint()
+                raise KeyboardInterrupt from None
+            except KeyboardInterrupt:  # a second Ctrl-C, or one raised by a callback
+                if self._safe_rng is not None and not self._updating:
+                    self.save_checkpoint()  # the state of the last safe point, which is whole
+                else:
+                    log.warning("interrupted while the weights were being updated: the run resumes "
+                                "from its last checkpoint")
+                raise
+            finally:
+                if bar is not None:
+                    bar.close()
+            self.save_checkpoint()
         if self.rank == 0:
             self.plot()
         runtime.finish_distributed()
-        return TrainResult(self.step, self.tokens_seen, self.history, interrupted)
+        return TrainResult(self.step, self.tokens_seen, self.history, paused)
 
     def plot(self) -> Path | None:
         """Write loss.png (and one PNG per metric) from the history; needs matplotlib."""
@@ -392,3 +532,11 @@ class Trainer:
         from gptforge.plotting import plot_history
 
         return plot_history(self.history, self.out_dir, list(self.metrics))
+
+
+class _Stop(Exception):
+    """Raised at a safe point once a stop was asked for (Ctrl-C, SIGTERM)."""
+
+
+class TrainingDiverged(GptforgeError, RuntimeError):
+    """The loss became NaN or infinite; the run's last checkpoint is kept."""

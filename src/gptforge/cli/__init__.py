@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gptforge", description="Build, train, load, fine-tune and run GPT-2-style language models.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log progress details, and show the traceback of an error")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="load weights without checking them (sha256, NaN/inf, CRC-32C): faster, "
+                             "for files you trust")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
@@ -43,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.no_verify:
+        from gptforge.loader import NO_VERIFY_ENV
+
+        os.environ[NO_VERIFY_ENV] = "1"
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
