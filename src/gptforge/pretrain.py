@@ -14,8 +14,8 @@ from typing import Mapping
 import torch
 
 from gptforge.checkpoint import RunMeta
-from gptforge.config import book_config, canonical_preset
-from gptforge.data import GPTDataset, TokenFileDataset, read_texts
+from gptforge.config import GPTConfig, book_config, canonical_preset
+from gptforge.data import GPTDataset, TokenFileDataset, check_vocabulary, read_texts
 from gptforge.errors import BadInputError
 from gptforge.loader import load
 from gptforge.model import GPTModel, set_dropout
@@ -33,44 +33,107 @@ class PretrainData:
     train_ratio: float = 0.9
     stride: int | None = None  # None = the context length (windows do not overlap)
 
+    def __post_init__(self) -> None:
+        """Refuse settings that would be silently replaced or cannot make windows."""
+        if self.text is not None and self.data is not None:
+            raise BadInputError("give text files (--text) or a token file (--data), not both")
+        if self.text is not None and (isinstance(self.text, (str, bytes)) or not self.text):
+            raise BadInputError(f"text must be a non-empty list of files, directories or globs, "
+                                f"not {self.text!r}")
+        ratio = self.train_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise BadInputError(f"--train-ratio must be a number in (0, 1] (the share of the text "
+                                f"to train on; 1 keeps no validation split), not {ratio!r}")
+        stride = self.stride
+        if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
+            raise BadInputError(f"--stride must be a whole number of at least 1 (tokens between "
+                                f"window starts; left out: the context length), not {stride!r}")
+
+
+def new_model_config(model: str, context_length: int | None = None, drop_rate: float | None = None,
+                     **shape: int) -> GPTConfig | None:
+    """The config `build_or_load_model` gives a fresh model of preset `model` (the book's
+    settings, changed by `shape`), or None when `model` names a checkpoint to load."""
+    if canonical_preset(model) is None or Path(model).exists():
+        return None
+    overrides = dict(shape) if drop_rate is None else {**shape, "drop_rate": drop_rate}
+    return book_config(model, context_length or 256, **overrides)
+
 
 def build_or_load_model(model: str, context_length: int | None = None,
                         drop_rate: float | None = None, **shape: int) -> GPTModel:
     """A preset name gives a fresh model with the book's settings (`shape` may change
     n_layers, emb_dim, n_heads); any other source (a run directory, a checkpoint) is
     loaded to continue training from."""
-    overrides = dict(shape) if drop_rate is None else {**shape, "drop_rate": drop_rate}
-    if canonical_preset(model) is not None and not Path(model).exists():
+    cfg = new_model_config(model, context_length, drop_rate, **shape)
+    if cfg is not None:
         # PyTorch's default init, as the book's model: with GPT-2's smaller init the
         # short Verdict run learns markedly slower.
-        return GPTModel(book_config(model, context_length or 256, **overrides), init="torch")
-    loaded = load(model, for_training=True)
+        return GPTModel(cfg, init="torch")
     if shape:
         raise BadInputError("--n-layers/--emb-dim/--n-heads shape a new model; they cannot change "
-                         f"the loaded model {model}")
+                            f"the loaded model {model}")
+    loaded = load(model, for_training=True)
+    if context_length is not None and context_length != loaded.cfg.context_length:
+        raise BadInputError(f"--context-length shapes a new model; the loaded model {model} has "
+                            f"context length {loaded.cfg.context_length}: leave the flag out")
     if drop_rate is not None:
         set_dropout(loaded, drop_rate)
     return loaded
 
 
+def initial_model(meta: RunMeta) -> GPTModel:
+    """The model a run started from, rebuilt from its metadata (call after seeding torch
+    as the run did): a fresh model of its config, or its base checkpoint loaded again."""
+    base = meta.base_model or ""
+    if base.startswith("init:"):
+        return GPTModel(meta.model, init="torch")
+    model = load(base, for_training=True)
+    set_dropout(model, meta.model.drop_rate)
+    return model
+
+
+def _percent(share: float) -> str:
+    return f"{share * 100:.2f}".rstrip("0").rstrip(".") + "%"
+
+
 def load_datasets(data: PretrainData, context_length: int) -> tuple[torch.utils.data.Dataset,
                                                                    torch.utils.data.Dataset | None]:
-    """Training and validation windows: the first `train_ratio` of the text, then the rest."""
+    """Training and validation windows: the first `train_ratio` of the text, then the rest.
+
+    A split too short for one window is an error that says how many tokens it has,
+    how many it needs and what to change.
+    """
     stride = data.stride or context_length
+    train_pct, val_pct = _percent(data.train_ratio), _percent(1 - data.train_ratio)
+    train_hint = "give more text or choose a smaller --context-length"
+    val_hint = (f"give the validation split a bigger share with a lower --train-ratio (now "
+                f"{data.train_ratio}), choose a smaller --context-length (now {context_length}), or give "
+                f"more text (--train-ratio 1 trains without validation)")
     if data.data:
-        train = TokenFileDataset(data.data, context_length, stride, 0.0, data.train_ratio)
-        val = TokenFileDataset(data.data, context_length, context_length, data.train_ratio, 1.0) \
-            if data.train_ratio < 1 else None
+        source = f"token file {data.data}"
+        train = TokenFileDataset(data.data, context_length, stride, 0.0, data.train_ratio,
+                                 what=f"the training split of {source} (its first {train_pct})",
+                                 hint=train_hint)
+        val = TokenFileDataset(data.data, context_length, context_length, data.train_ratio, 1.0,
+                               what=f"the validation split of {source} (its last {val_pct})",
+                               hint=val_hint) if data.train_ratio < 1 else None
         return train, val
     if data.text:
         text = read_texts(data.text)
+        source = ", ".join(data.text)
+        if not text.replace("<|endoftext|>", "").strip():
+            raise BadInputError(f"{source}: the files hold no text to train on")
     else:
         from gptforge.download import download
 
         text = download("the-verdict").read_text(encoding="utf-8")
+        source = "The Verdict"
     split = int(data.train_ratio * len(text))
-    train = GPTDataset(text[:split], max_length=context_length, stride=stride)
-    val = GPTDataset(text[split:], max_length=context_length, stride=context_length) \
+    train = GPTDataset(text[:split], max_length=context_length, stride=stride,
+                       what=f"the training split of {source} (its first {train_pct})", hint=train_hint)
+    val = GPTDataset(text[split:], max_length=context_length, stride=context_length,
+                     what=f"the validation split of {source} (its last {val_pct})", hint=val_hint) \
         if data.train_ratio < 1 else None
     return train, val
 
@@ -91,6 +154,7 @@ def pretrain(
     trainer. `base_model` records where the weights started (a preset for a fresh
     model, or the checkpoint that training continues).
     """
+    check_vocabulary(model.cfg, "the model")
     train, val = load_datasets(data, model.cfg.context_length)
     meta = RunMeta(model=model.cfg, task="lm", data=asdict(data), base_model=base_model)
     trainer = Trainer(model, train, val, lm_loss, cfg, out_dir, meta, progress=progress)

@@ -133,6 +133,12 @@ def _prune(run: Path, folder: Path, keep: int) -> None:
         shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
 
 
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Whether a run has a checkpoint to resume from (rather than only its settings)."""
+    run = Path(run_dir)
+    return RunMeta.read(run).checkpoint is not None or (run / STATE_NAME).is_file()
+
+
 def load_training_state(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     """The training state of a run's current checkpoint, and that checkpoint's directory.
 

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from gptforge.cli.common import (
     add_train_args,
+    allocation_guard,
+    check_model_memory,
     check_new_run_dir,
+    dropout_rate,
+    fraction,
     positive_int,
     print_eval,
     print_finish,
+    refuse_on_resume,
     say,
     train_config,
 )
+from gptforge.errors import BadInputError
 
 # The book's chapter-5 settings are TrainConfig's defaults; gptforge adds gradient clipping,
 # which keeps the short Verdict run from the loss spikes it otherwise sometimes shows
@@ -24,23 +31,35 @@ PRETRAIN_DEFAULTS = dict(grad_clip=1.0)
 
 def add_commands(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a GPT model (default: the book's Verdict run)")
-    p.add_argument("--model", default="gpt2-small",
-                   help="preset to train from scratch, or a checkpoint to continue from")
-    p.add_argument("--context-length", type=positive_int, default=256)
-    p.add_argument("--dropout", type=float, default=None, help="dropout rate (preset default 0.1)")
+    p.add_argument("--model", default=None,
+                   help="preset to train from scratch (default gpt2-small), or a checkpoint to "
+                        "continue from")
+    p.add_argument("--context-length", type=positive_int, default=None,
+                   help="context length of a new model (default 256)")
+    p.add_argument("--dropout", type=dropout_rate, default=None,
+                   help="dropout rate in [0, 1) (preset default 0.1)")
     for flag in ("--n-layers", "--emb-dim", "--n-heads"):
         p.add_argument(flag, type=positive_int, default=None,
                        help="change the preset's shape (a smaller model trains faster)")
     p.add_argument("--text", nargs="+", default=None,
                    help="text files, directories or globs (default: The Verdict)")
     p.add_argument("--data", default=None, help="token file made by `gptforge prepare`")
-    p.add_argument("--train-ratio", type=float, default=0.9)
-    p.add_argument("--stride", type=int, default=None, help="window stride (default: context length)")
+    p.add_argument("--train-ratio", type=fraction, default=None,
+                   help="share of the text to train on, in (0, 1]; the rest validates (default 0.9)")
+    p.add_argument("--stride", type=positive_int, default=None,
+                   help="tokens between window starts (default: the context length)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<data>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
     p.add_argument("--sample-prompt", default="Every effort moves you")
     add_train_args(p, **PRETRAIN_DEFAULTS)
     p.set_defaults(func=cmd_pretrain)
+
+
+# Flags that describe a new run: refused with --resume, which keeps the run's own.
+NEW_RUN_FLAGS = {"model": "--model", "context_length": "--context-length", "dropout": "--dropout",
+                 "n_layers": "--n-layers", "emb_dim": "--emb-dim", "n_heads": "--n-heads",
+                 "text": "--text", "data": "--data", "train_ratio": "--train-ratio",
+                 "stride": "--stride", "out": "--out"}
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -49,32 +68,53 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from gptforge.checkpoint import default_run_dir
     from gptforge.config import canonical_preset
     from gptforge.loader import load, read_run
-    from gptforge.pretrain import PretrainData, build_or_load_model, pretrain
+    from gptforge.pretrain import PretrainData, build_or_load_model, initial_model, new_model_config, pretrain
     from gptforge.tokenizer import get_tokenizer, text_to_ids
+    from gptforge.train_state import has_checkpoint
 
+    if not args.sample_prompt.strip():
+        raise BadInputError("--sample-prompt is empty; give a few words for the samples to continue")
+    resume = bool(args.resume)
     if args.resume:
+        refuse_on_resume(args, NEW_RUN_FLAGS)
         out = Path(args.resume)
         meta = read_run(out)
         data = PretrainData(**(meta.data or {}))
         cfg = train_config(args, out)
-        model = load(out, for_training=True)
         base = meta.base_model
+        if has_checkpoint(out):
+            say(f"Resuming from {out / (meta.checkpoint or '')} (step {meta.step})")
+            model = load(out, for_training=True)
+        else:  # stopped before its first checkpoint: the same start again
+            say(f"{out} was stopped before its first checkpoint: starting it over with its settings")
+            torch.manual_seed(cfg.seed)
+            model, resume = initial_model(meta), False
     else:
+        source = args.model or "gpt2-small"
         # Absolute paths, so `--resume` finds the data from any working directory.
         data = PretrainData(text=[str(Path(t).absolute()) for t in args.text] if args.text else None,
                             data=str(Path(args.data).absolute()) if args.data else None,
-                            train_ratio=args.train_ratio, stride=args.stride)
+                            train_ratio=0.9 if args.train_ratio is None else args.train_ratio,
+                            stride=args.stride)
         cfg = train_config(args)
+        name = Path(args.data).stem if args.data else (Path(args.text[0]).stem if args.text else "verdict")
+        out = Path(args.out) if args.out else default_run_dir(f"{Path(source).name}-{name}")
+        check_new_run_dir(out)
         torch.manual_seed(cfg.seed)
         shape = {k: getattr(args, k) for k in ("n_layers", "emb_dim", "n_heads")
                  if getattr(args, k) is not None}
-        model = build_or_load_model(args.model, args.context_length, args.dropout, **shape)
-        fresh = canonical_preset(args.model) is not None and not Path(args.model).exists()
-        base = f"init:{canonical_preset(args.model)}" if fresh else str(Path(args.model).absolute())
-        name = Path(args.data).stem if args.data else (Path(args.text[0]).stem if args.text else "verdict")
-        out = Path(args.out) if args.out else default_run_dir(f"{Path(args.model).name}-{name}")
-        check_new_run_dir(out)
+        new_cfg = new_model_config(source, args.context_length, args.dropout, **shape)
+        if new_cfg is not None:
+            check_model_memory(new_cfg, cfg.device)
+        with allocation_guard(new_cfg) if new_cfg is not None else nullcontext():
+            model = build_or_load_model(source, args.context_length, args.dropout, **shape)
+        fresh = new_cfg is not None
+        base = f"init:{canonical_preset(source)}" if fresh else str(Path(source).absolute())
     tokenizer = get_tokenizer()
+    n_prompt = len(text_to_ids(args.sample_prompt, tokenizer))
+    if n_prompt > model.cfg.context_length:
+        raise BadInputError(f"--sample-prompt has {n_prompt} tokens, more than the model's context "
+                            f"length ({model.cfg.context_length}); shorten it")
 
     def sample(trainer) -> None:
         from gptforge.generate import generate
@@ -84,7 +124,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         say(tokenizer.decode(generate(model, ids, 50)[0].tolist()).replace("\n", " "))
 
     start = time.perf_counter()
-    result = pretrain(model, data, cfg, out, resume=bool(args.resume),
+    result = pretrain(model, data, cfg, out, resume=resume,
                       callbacks={"on_eval": print_eval, "on_epoch_end": sample},
                       progress=not args.no_progress, base_model=base)
     print_finish(result, (time.perf_counter() - start) / 60, out)
