@@ -164,8 +164,10 @@ def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit its config.*expected"):
         load(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="does not have the sha256 recorded"):
         load(tmp_path)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load(tmp_path, verify=False)
 
 
 def test_errors_share_one_base_class():

@@ -166,6 +166,9 @@ def _load_gptforge(path: Path, device, dtype, for_training: bool, verify: bool) 
         meta = RunMeta.read(path)
     if meta.adapters_only:
         return _load_lora_run(path, meta, device, dtype, for_training, verify)
+    if not meta.adapters_only and not (path / WEIGHTS_NAME).is_file() and (path / "train_config.json").is_file():
+        raise NotFoundError(f"{path} is a training run that was stopped before its first checkpoint: "
+                            f"it holds no weights yet; resume it (`--resume {path}`) or start it again")
     if for_training and meta.classifier is not None and meta.classifier.trainable == "lora":
         raise CheckpointError(f"{path} is a LoRA classifier saved by gptforge 0.1 with its adapters "
                               f"merged in; it loads for use, but training cannot resume from it: "

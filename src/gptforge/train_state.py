@@ -94,7 +94,10 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, meta: RunMeta,
     atomic_torch_save(state, tmp / STATE_NAME)
     publish_dir(tmp, folder / name)
     faults.reach("checkpoint:written")
-    meta.replace(step=step, checkpoint=f"{CHECKPOINTS_DIR}/{name}").write(run)
+    # The run's gptforge.json: the checkpoint's own (what save_model found: adapters, head
+    # size), pointing at it, with the base as seen from the run directory.
+    RunMeta.read(folder / name).replace(checkpoint=f"{CHECKPOINTS_DIR}/{name}",
+                                        base_model=meta.base_model).write(run)
     faults.reach("checkpoint:current")
     _prune(run, folder, max(keep, 1))
     return folder / name
