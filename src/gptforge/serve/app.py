@@ -8,13 +8,22 @@ server-sent events, so the event loop never waits on the model.
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with
 `stream`), `GET /v1/models`, `POST /v1/classify`, `GET /health`, and the page at `/`.
 Errors use OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+
+Every request passes, in order: the Host check (`HostGuard`, against DNS
+rebinding), CORS (only with `cors_origins`), then the API key and the body limits
+(`RequestGuard`). Below HTTP, `server_config` gives uvicorn a protocol that
+closes connections slow to send their headers and holds at most
+`ConnectionLimits.max_connections` of them (`background_server` and `serve`
+both use it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -24,8 +33,10 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,6 +61,18 @@ CHAT_STOPS: dict[str, tuple[str, ...]] = {
 }
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DISCONNECT_CHECK_S = 0.25  # how often a non-streamed request checks that its client is still there
+# Host header names every server answers to; `allowed_hosts` adds more.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+MAX_STOP_SEQUENCES = 4  # as OpenAI
+MAX_STOP_CHARS = 500  # each stop sequence is searched for at every token: keep them short
+# One step of a classify job on the engine's worker, so a stream waits for at most one of them.
+CLASSIFY_BATCH_TEXTS = 16
+CLASSIFY_BATCH_TOKENS = 2048  # texts x padded length
+# File descriptors the server process needs besides its connections (model files, pipes,
+# the listening socket, ...); the connection limit stays below the process's limit by more.
+FD_BASE = 32
+# Connections the kernel holds for the server until it accepts them; they use no descriptor.
+LISTEN_QUEUE = 2048
 
 
 class APIError(Exception):
@@ -64,9 +87,12 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self, close: bool = False) -> JSONResponse:
+        """The JSON response; `close`: end the connection after it (the body was not all read)."""
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if close:
+            headers["Connection"] = "close"
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 # ------------------------------------------------------------------------------------
@@ -111,17 +137,120 @@ class ClassifyRequest(BaseModel):
 
 
 # ------------------------------------------------------------------------------------
-# the guard in front of every request: API key, then body size
+# the guards in front of every request: Host header, then API key and body
 
-class RequestGuard:
-    """ASGI middleware: checks the API key (Bearer) and caps the request body size.
+def _host_name(value: str) -> str | None:
+    """The name in a Host header (or an allowed-host entry), lower case, without the port
+    or IPv6 brackets; None when it is not a host name at all."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1] or [::1]:8000
+        name, _, port = value[1:].partition("]")
+        if port and not (port.startswith(":") and port[1:].isdigit()):
+            return None
+    else:
+        name, colon, port = value.partition(":")
+        if colon and not port.isdigit():
+            return None
+    name = name.rstrip(".")  # "localhost." is "localhost"
+    if not name or any(c in name for c in " /\\@?#"):
+        return None
+    return name
 
-    The body is read up to `max_body_bytes` before the app sees it, so an
-    oversized body is refused with 413 whether or not it declares its length.
+
+def _check_hosts(allowed_hosts: Sequence[str]) -> frozenset[str]:
+    """The allowed Host names, checked; "*" allows any and "*.example.com" its subdomains."""
+    names = set()
+    for entry in allowed_hosts:
+        name = "*" if entry.strip() == "*" else _host_name(entry)
+        if name is None or (name.startswith("*") and not (name == "*" or name.startswith("*."))):
+            raise BadInputError(f"{entry!r} is not a host name to allow (--allow-host): give a name "
+                                f"such as 'myhost.lan' or '192.168.1.5', '*.example.com' for its "
+                                f"subdomains, or '*' for any")
+        names.add(name)
+    return frozenset(names)
+
+
+class HostGuard:
+    """ASGI middleware: refuses (400) a request whose Host header names a host this server
+    does not answer to.
+
+    Allowed are the loopback names, `allowed_hosts` ("*" allows any Host), and the
+    address the connection came in on (so a server bound to 0.0.0.0 answers to its IP
+    addresses). This defeats DNS rebinding: a web page that points its own domain at
+    this server's address still sends its own domain as the Host. A request with no
+    Host header (HTTP/1.0) passes: browsers always send one.
     """
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app, allowed_hosts: Sequence[str] = ()) -> None:
+        self.app = app
+        names = _check_hosts(allowed_hosts)
+        self.any = "*" in names
+        self.names = LOOPBACK_HOSTS | {n for n in names if not n.startswith("*")}
+        self.suffixes = tuple(n[1:] for n in names if n.startswith("*."))  # ".example.com"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self.any:
+            return await self.app(scope, receive, send)
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"host"), None)
+        if host is None or self._allowed(_host_name(host), scope.get("server")):
+            return await self.app(scope, receive, send)
+        error = APIError(400, f"The Host header {host!r} is not a name this server answers to. If "
+                              f"this server is meant to be reached by that name, start it with "
+                              f"--allow-host NAME.", code="host_not_allowed")
+        await error.response()(scope, receive, send)
+
+    def _allowed(self, name: str | None, server: tuple | None) -> bool:
+        if name is None:
+            return False
+        if name in self.names or name.endswith(self.suffixes):
+            return True
+        local = server[0].lower() if server else None
+        if local is None:
+            return False
+        try:  # the address the client connected to, in any spelling
+            return _address(name) == _address(local)
+        except ValueError:
+            return False
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IP address; an IPv4 one reached over IPv6 (::ffff:a.b.c.d) as the IPv4 address."""
+    address = ipaddress.ip_address(text)
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+def _check_origins(origins: Sequence[str]) -> tuple[str, ...]:
+    """The CORS origins, checked: each "*" or a scheme and host such as "https://app.example.com"."""
+    checked = []
+    for origin in origins:
+        scheme, sep, rest = origin.partition("://")
+        if origin != "*" and not (sep and scheme in ("http", "https") and rest
+                                  and not any(c in rest for c in "/?# ")):
+            raise BadInputError(f"{origin!r} is not a web origin (--cors-origin): give scheme and host "
+                                f"(and port), as a browser sends it, e.g. 'https://app.example.com' or "
+                                f"'http://localhost:3000', or '*' for any")
+        checked.append(origin)
+    return tuple(checked)
+
+
+def _key_matches(authorization: str, api_key: str) -> bool:
+    """Whether an Authorization header carries `Bearer <api_key>` (compared in constant time)."""
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+class RequestGuard:
+    """ASGI middleware: checks the API key (Bearer) and caps the request body's size and
+    the time it may take to arrive.
+
+    The body is read up to `max_body_bytes` before the app sees it, so an
+    oversized body is refused with 413 whether or not it declares its length; a
+    body that has not all arrived `body_timeout` seconds after the headers gets 408.
+    """
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout: float = 30.0) -> None:
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -135,18 +264,25 @@ class RequestGuard:
                                   f"{self.max_body_bytes} bytes.", code="request_too_large")
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await too_large.response()(scope, receive, send)
+            return await too_large.response(close=True)(scope, receive, send)
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                error = APIError(408, f"The request body did not arrive within this server's limit of "
+                                      f"{self.body_timeout:g} s.", code="request_timeout")
+                return await error.response(close=True)(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body_bytes:
-                return await too_large.response()(scope, receive, send)
+                return await too_large.response(close=True)(scope, receive, send)
             if not message.get("more_body"):
                 break
         body, replayed = b"".join(chunks), False
@@ -161,9 +297,7 @@ class RequestGuard:
         await self.app(scope, replay, send)
 
     def _authorized(self, headers: dict[str, str]) -> bool:
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                                  self.api_key.encode())
+        return _key_matches(headers.get("authorization", ""), self.api_key)
 
 
 # ------------------------------------------------------------------------------------
@@ -243,6 +377,12 @@ def _sampling(body: _SamplingRequest, max_tokens: int | None, default_max_tokens
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"stop may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(stop)}.",
+                       param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(400, f"Each stop sequence may be at most {MAX_STOP_CHARS} characters long.",
+                       param="stop")
     return SamplingParams(max_tokens=max_tokens or default_max_tokens, temperature=temperature,
                           top_k=body.top_k, top_p=body.top_p, stop=tuple(stop) + extra_stop,
                           seed=body.seed)
@@ -339,11 +479,14 @@ def _usage(prompt: list[int], completion_tokens: int) -> dict[str, int]:
             "total_tokens": len(prompt) + completion_tokens}
 
 
+def _timeout_error(timeout: float | None, advice: str) -> APIError:
+    return APIError(504, f"The request took longer than this server's limit of {timeout:g} s "
+                         f"(--timeout); {advice}.", type="timeout_error", code="timeout")
+
+
 def _failure(event: Event, timeout: float | None) -> APIError | None:
     if event.finish_reason == "timeout":
-        return APIError(504, f"The request took longer than this server's limit of {timeout:g} s; "
-                             f"ask for fewer tokens (max_tokens) or try again.",
-                        type="timeout_error", code="timeout")
+        return _timeout_error(timeout, "ask for fewer tokens (max_tokens) or try again")
     if event.finish_reason == "error":
         return APIError(500, f"Generation failed: {event.error}", type="server_error")
     return None
@@ -412,27 +555,85 @@ async def _respond(request: Request, served: ServedModels, prompt: list[int], pa
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _classify_lengths(classifier, texts: list[str]) -> list[int]:
+    """How many tokens of each text the classifier reads (texts are cut at its max_length)."""
+    return [min(len(ids), classifier.max_length)
+            for ids in classifier.tokenizer.encode_ordinary_batch(texts)]
+
+
+def _classify_batches(lengths: list[int], fixed_width: int | None = None) -> list[tuple[int, int]]:
+    """Split texts of these token lengths, in order, into (start, end) batches of at most
+    CLASSIFY_BATCH_TEXTS texts and CLASSIFY_BATCH_TOKENS padded tokens (one text at least).
+
+    `fixed_width`: every text is padded to it (the "last" pooling), not to its batch's longest."""
+    batches, start, width = [], 0, 0
+    for i, n in enumerate(lengths):
+        wider = fixed_width or max(width, n)
+        if i > start and ((i - start + 1) * wider > CLASSIFY_BATCH_TOKENS
+                          or i - start >= CLASSIFY_BATCH_TEXTS):
+            batches.append((start, i))
+            start, wider = i, fixed_width or n
+        width = wider
+    batches.append((start, len(lengths)))
+    return batches
+
+
+async def _job_result(request: Request, future: concurrent.futures.Future) -> tuple[bool, Any]:
+    """Wait for an engine job: (True, its result), or (False, None) once the client has
+    gone away. Leaving early, for either reason, cancels the job."""
+    waiter = asyncio.wrap_future(future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_CHECK_S)
+            if done:
+                return True, waiter.result()
+            if await request.is_disconnected():
+                return False, None
+    finally:
+        future.cancel()  # no-op once it has finished
+
+
+def _positive(name: str, value: float) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise BadInputError(f"{name} must be a positive number, got {value}")
+
+
 # ------------------------------------------------------------------------------------
 # the app
 
 def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os.PathLike | None = None,
                api_key: str | None = None, *, timeout: float | None = None,
                max_body_bytes: int = 1_000_000, device: str = "cpu", max_active: int = 16,
-               model_id: str | None = None) -> FastAPI:
+               model_id: str | None = None, body_timeout: float = 30.0,
+               max_classify_texts: int = 256, max_classify_tokens: int = 65536,
+               allowed_hosts: Sequence[str] = (), cors_origins: Sequence[str] = ()) -> FastAPI:
     """Build the server app for a language model and, optionally, a classifier.
 
     `model_dir` is a run directory, checkpoint or preset name (anything `gptforge
     generate --model` takes) or a loaded GPTModel; `classifier_dir` a classifier
     run directory. When `api_key` is set, every request but the page and
-    `/health` must send `Authorization: Bearer <api_key>`. `timeout` (seconds,
-    None = no limit) bounds each generation, queueing included; `max_body_bytes`
-    bounds request bodies; `max_active` is how many generations advance together.
+    `/health` must send `Authorization: Bearer <api_key>`, and `/health` shows
+    only liveness without it. `timeout` (seconds, None = no limit) bounds each
+    generation and classification, queueing included; `max_body_bytes` and
+    `body_timeout` bound request bodies; `max_active` is how many generations
+    advance together; `max_classify_texts` and `max_classify_tokens` bound one
+    classify request. Requests must name a loopback host or one of
+    `allowed_hosts` in their Host header; `cors_origins` lists the web origins
+    whose pages may call the API. Settings are checked before any model loads.
     The engine's worker starts and stops with the app (its lifespan).
     """
     from gptforge.tokenizer import EOT_ID, get_tokenizer
 
-    if max_body_bytes < 1:
-        raise BadInputError(f"max_body_bytes must be positive, got {max_body_bytes}")
+    if timeout is not None:
+        _positive("timeout", timeout)
+    _positive("body_timeout", body_timeout)
+    for name, value in (("max_body_bytes", max_body_bytes), ("max_active", max_active),
+                        ("max_classify_texts", max_classify_texts),
+                        ("max_classify_tokens", max_classify_tokens)):
+        if value < 1:
+            raise BadInputError(f"{name} must be at least 1, got {value}")
+    _check_hosts(allowed_hosts)
+    origins = _check_origins(cors_origins)
     model, meta = _load_language_model(model_dir, device)
     classifier, classifier_id = None, None
     if classifier_dir is not None:
@@ -458,7 +659,15 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
 
     app = FastAPI(title="gptforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.served = served
-    app.add_middleware(RequestGuard, api_key=api_key or None, max_body_bytes=max_body_bytes)
+    # The last added runs first: Host check, then CORS (it answers preflights), then key and body.
+    app.add_middleware(RequestGuard, api_key=api_key or None, max_body_bytes=max_body_bytes,
+                       body_timeout=body_timeout)
+    if origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(HostGuard, allowed_hosts=list(allowed_hosts))
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
@@ -483,7 +692,10 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
         return HTMLResponse(page)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        if api_key and not _key_matches(request.headers.get("authorization", ""), api_key):
+            # Liveness only; the page reads auth_required to ask for the key.
+            return {"status": "ok", "auth_required": True}
         labels = served.classifier.labels if served.classifier is not None else None
         return {"status": "ok", "model": served.model_id, "classifier": served.classifier_id,
                 "labels": labels, "context_length": served.context_length,
@@ -504,7 +716,7 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
     async def completions(body: CompletionRequest, request: Request) -> Any:
         served.check_model(body.model, served.model_id)
         params = _sampling(body, body.max_tokens, COMPLETION_MAX_TOKENS)
-        prompt = _completion_prompt(body, served)
+        prompt = await asyncio.to_thread(_completion_prompt, body, served)  # a long text takes a while
         _check_length(prompt, served.context_length, "prompt")
         return await _respond(request, served, prompt, params, bool(body.stream),
                               bool((body.stream_options or {}).get("include_usage")), chat=False)
@@ -516,46 +728,257 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
         # Without max_tokens a chat answer may fill the rest of the context (the engine stops there).
         params = _sampling(body, max_tokens, served.context_length,
                            CHAT_STOPS.get(served.template.name, ()))
-        prompt = _chat_prompt(body, served)
+        prompt = await asyncio.to_thread(_chat_prompt, body, served)
         _check_length(prompt, served.context_length, "messages")
         return await _respond(request, served, prompt, params, bool(body.stream),
                               bool((body.stream_options or {}).get("include_usage")), chat=True)
 
     @app.post("/v1/classify")
-    async def classify(body: ClassifyRequest) -> dict[str, Any]:
+    async def classify(body: ClassifyRequest, request: Request) -> Any:
         served.check_model(body.model, served.classifier_id)
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise APIError(400, "input must be a text or a non-empty list of texts.", param="input")
+        if len(texts) > max_classify_texts:
+            raise APIError(413, f"This request has {len(texts)} texts to classify; this server takes "
+                                f"at most {max_classify_texts} per request (--max-classify-texts). "
+                                f"Send them in smaller requests.", param="input", code="too_many_texts")
+        empty = next((i for i, text in enumerate(texts) if not text.strip()), None)
+        if empty is not None:
+            raise APIError(400, f"input[{empty}] is empty; there is nothing to classify.", param="input")
         classifier = served.classifier
-        try:  # on the engine's worker, like all model compute
-            probs = await asyncio.wrap_future(engine.call(lambda: classifier.predict_proba(texts)))
-        except ValueError as err:  # e.g. an empty text
+        lengths = await asyncio.to_thread(_classify_lengths, classifier, texts)
+        if sum(lengths) > max_classify_tokens:
+            raise APIError(413, f"This request has {sum(lengths)} tokens to classify; this server takes "
+                                f"at most {max_classify_tokens} per request (--max-classify-tokens). "
+                                f"Send fewer or shorter texts.", param="input", code="too_many_tokens")
+        fixed = classifier.max_length if classifier.pooling == "last" else None
+        steps = [partial(classifier.predict_proba, texts[a:b], batch_size=b - a)
+                 for a, b in _classify_batches(lengths, fixed)]
+        # On the engine's worker, like all model compute: one batch per turn, between the
+        # generations' turns, so streams go on meanwhile.
+        future = engine.run_in_turns(steps, served.timeout)
+        try:
+            finished, parts = await _job_result(request, future)
+        except TimeoutError:
+            raise _timeout_error(served.timeout, "send fewer texts per request") from None
+        except ValueError as err:
             raise APIError(400, str(err), param="input") from None
+        except Exception as err:
+            raise APIError(500, f"Classification failed: {type(err).__name__}: {err}",
+                           type="server_error") from None
+        if not finished:  # the client left; nobody reads this answer
+            return JSONResponse({}, status_code=499)
         labels = classifier.labels
+        rows = [row for part in parts for row in part.tolist()]
         data = [{"index": i, "label": labels[max(range(len(row)), key=row.__getitem__)],
-                 "probabilities": dict(zip(labels, row))} for i, row in enumerate(probs.tolist())]
+                 "probabilities": dict(zip(labels, row))} for i, row in enumerate(rows)]
         return {"id": "clf-" + uuid.uuid4().hex[:24], "object": "classification",
                 "model": served.classifier_id, "labels": labels, "data": data}
 
     return app
 
 
-@contextlib.contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
-                      startup_timeout: float = 30.0) -> Iterator[str]:
-    """Run `app` with uvicorn in a background thread; yields its base URL, stops on exit.
+# ------------------------------------------------------------------------------------
+# the HTTP server: connection limits under the app
 
-    Port 0 picks a free port. For notebooks, tests and benchmarks; `gptforge serve`
-    runs uvicorn in the foreground instead.
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How the HTTP server holds connections, so that slow or idle clients cannot use it up.
+
+    `header_timeout`: seconds a connection may take to send a request's headers,
+    counted from when it opened or from the end of its previous response; then it is
+    closed. `keep_alive_timeout`: seconds an idle connection is kept open between
+    requests. `max_connections`: connections held at once (kept below the process's
+    file-descriptor limit, see `connection_budget`); a new connection beyond it
+    closes the oldest one that is still sending its headers or idle, and is refused
+    with 503 only when every connection is busy with a request.
+    """
+
+    header_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 256
+
+    def __post_init__(self) -> None:
+        _positive("header_timeout", self.header_timeout)
+        _positive("keep_alive_timeout", self.keep_alive_timeout)
+        if self.max_connections < 1:
+            raise BadInputError(f"max_connections must be at least 1, got {self.max_connections}")
+
+
+def connection_budget(max_connections: int) -> tuple[int, int]:
+    """(connections, accepts per turn of the event loop) that fit this process's
+    file-descriptor limit.
+
+    The connections stay a quarter of the limit (at least 2 * FD_BASE) below it. The
+    event loop accepts at most the second number of connections at a time (uvicorn's
+    `backlog`), before the limit can close any, so a burst of them fits in what is left.
+    """
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # no such limit here (Windows)
+        return max_connections, 2048
+    if soft == resource.RLIM_INFINITY:
+        return max_connections, 2048
+    room = soft - max(2 * FD_BASE, soft // 4)
+    if room < 1:
+        raise BadInputError(f"this process may open only {soft} files (ulimit -n), too few to serve "
+                            f"connections: raise the limit (e.g. ulimit -n 4096)")
+    connections = min(max_connections, room)
+    if connections < max_connections:
+        log.warning("serving at most %d connections, not %d: this process may open %d files "
+                    "(ulimit -n)", connections, max_connections, soft)
+    return connections, max(8, min(2048, (soft - connections - FD_BASE) // 3))
+
+
+def _refusal(status: int, reason: str, error: APIError) -> bytes:
+    body = json.dumps(error.body()).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\nretry-after: 1\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+def _guarded_protocol(limits: ConnectionLimits, max_connections: int) -> type:
+    """uvicorn's HTTP protocol class with a header timeout and a connection limit.
+
+    uvicorn times out idle keep-alive connections but not a connection that is
+    sending its headers, however slowly, nor one that sends nothing at all; this
+    subclass arms a timer whenever a connection is waiting for a request's headers
+    and closes the connection when it fires first.
+    """
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol  # h11, or httptools if installed
+
+    refusal = _refusal(503, "Service Unavailable", APIError(
+        503, f"The server is at its limit of {max_connections} connections (--max-connections), all "
+             f"busy; try again shortly.", type="server_error", code="too_many_connections"))
+
+    class GuardedHTTPProtocol(AutoHTTPProtocol):
+        refused, warned_at = 0, -math.inf  # refusals since the last warning, and when that was
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.waiting_since: float | None = None  # waiting for a request's headers since
+            self._header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._wait_for_headers()
+            live = [c for c in self.connections
+                    if isinstance(c, GuardedHTTPProtocol) and not c.transport.is_closing()]
+            if len(live) <= max_connections:
+                return
+            idle = [c for c in live if c is not self and c.waiting_since is not None]
+            if idle:  # a slow or idle connection makes room for this one
+                oldest = min(idle, key=lambda c: c.waiting_since)
+                log.debug("closing the connection from %s to make room", oldest.client)
+                oldest.transport.close()
+            else:
+                self._warn_refused()
+                self._stop_waiting()
+                transport.write(refusal)
+                transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request's headers are complete
+                self._stop_waiting()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # Waiting for the next request, unless a pipelined one has already begun.
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._wait_for_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def _wait_for_headers(self) -> None:
+            self._stop_waiting()
+            self.waiting_since = time.monotonic()
+            self._header_timer = self.loop.call_later(limits.header_timeout, self._headers_too_slow)
+
+        def _stop_waiting(self) -> None:
+            self.waiting_since = None
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        @classmethod
+        def _warn_refused(cls) -> None:
+            cls.refused += 1
+            if time.monotonic() - cls.warned_at >= 10:  # at most one line every 10 s in a flood
+                log.warning("refused %d connection(s): all %d are busy (--max-connections)",
+                            cls.refused, max_connections)
+                cls.refused, cls.warned_at = 0, time.monotonic()
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self.waiting_since is not None and not self.transport.is_closing():
+                log.debug("closing the connection from %s: no request headers in %g s",
+                          self.client, limits.header_timeout)
+                self.transport.close()
+
+    return GuardedHTTPProtocol
+
+
+def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
+                  limits: ConnectionLimits | None = None, log_level: str = "warning"):
+    """uvicorn's settings to serve `app` with `limits` (the defaults when None)."""
+    import uvicorn
+
+    limits = limits or ConnectionLimits()
+    connections, backlog = connection_budget(limits.max_connections)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, backlog=backlog,
+                          http=_guarded_protocol(limits, connections),
+                          timeout_keep_alive=limits.keep_alive_timeout)
+
+
+def _uvicorn_server(config):
+    """A uvicorn server whose listening sockets queue LISTEN_QUEUE connections.
+
+    asyncio uses uvicorn's `backlog` both as the kernel's queue of connections not
+    yet accepted and as how many it accepts at a time. The second must stay small
+    under a low file-descriptor limit; the first need not, and a short queue makes
+    a busy server drop new clients' connection attempts (they retry a second
+    later). So the queue is lengthened once the server listens.
     """
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            for server in getattr(self, "servers", ()):
+                for listener in server.sockets:
+                    with socket.fromfd(listener.fileno(), listener.family, listener.type) as same:
+                        same.listen(max(LISTEN_QUEUE, config.backlog))
+
+    return Server(config)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
+          limits: ConnectionLimits | None = None, log_level: str = "warning") -> None:
+    """Serve `app` in the foreground until interrupted (what `gptforge serve` runs)."""
+    _uvicorn_server(server_config(app, host, port, limits, log_level)).run()
+
+
+@contextlib.contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+                      startup_timeout: float = 30.0,
+                      limits: ConnectionLimits | None = None) -> Iterator[str]:
+    """Run `app` with uvicorn in a background thread; yields its base URL, stops on exit.
+
+    Port 0 picks a free port. `limits` as for `serve`. For notebooks, tests and
+    benchmarks; `gptforge serve` runs uvicorn in the foreground instead.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = _uvicorn_server(server_config(app, host, port, limits))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name="gptforge-server")
     thread.start()

@@ -11,6 +11,12 @@ into its place, so the rows in use stay together. Only the worker thread touches
 the model and the cache: the web server's event loop hands requests in and gets
 `Event`s back through a callback, and never waits on model compute.
 
+Other model work (a classify request) comes as a job of small steps: each loop of
+the worker runs one step of one job, the jobs taking turns, then one generation
+turn, so a large job delays each stream's next token by one small step, never by
+the whole job. Jobs have deadlines and can be cancelled between steps, like
+generations.
+
 `TextStream` turns a request's token ids into text and cuts it at the first stop
 sequence.
 """
@@ -108,6 +114,21 @@ class TextStream:
 
 
 @dataclass(eq=False)
+class Job:
+    """Model work other than generation, run on the worker one step per turn.
+
+    The caller keeps only `future`: it resolves to the list of the steps' results,
+    or to the error of the first step that failed, or to a TimeoutError past the
+    deadline; cancelling it stops the job before its next step.
+    """
+
+    steps: Sequence[Callable[[], Any]]
+    deadline: float | None
+    future: concurrent.futures.Future
+    results: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
 class Generation:
     """A request inside the engine; the caller keeps it only to `cancel()` it."""
 
@@ -136,9 +157,11 @@ class Engine:
 
     `submit` queues a request and returns at once; the worker calls the request's
     `on_event` (from its own thread) with text as it is generated and a final event
-    with the finish reason. `call` runs any function on the worker, between steps.
-    `stats` counts requests by outcome ("cancelled" counts requests whose client
-    cancelled them before they finished).
+    with the finish reason. `run_in_turns` runs other model work as a job of small
+    steps interleaved with the generation turns; `call` runs one function on the
+    worker, between turns. `stats` counts requests (generations and jobs) by outcome
+    ("cancelled" counts those whose client cancelled them before they finished),
+    the tokens generated and the job steps run.
     """
 
     def __init__(self, model: GPTModel, tokenizer, eos_id: int | None = None,
@@ -151,9 +174,10 @@ class Engine:
         self.max_active = max_active
         self.context_length = model.cfg.context_length
         self.stats: dict[str, int] = collections.Counter(
-            submitted=0, completed=0, cancelled=0, timed_out=0, failed=0, tokens=0)
+            submitted=0, completed=0, cancelled=0, timed_out=0, failed=0, tokens=0, job_steps=0)
         self._queue: collections.deque[Generation] = collections.deque()
         self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
+        self._jobs: collections.deque[Job] = collections.deque()  # they take turns: the first goes next
         self._active: list[Generation] = []
         # The worker's own: one cache row per request it has run the prompt of, in row order.
         self._cache: KVCache | None = None
@@ -206,30 +230,58 @@ class Engine:
         return gen
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        """Run `fn()` on the worker thread between two steps; returns a future of its result."""
+        """Run `fn()` on the worker thread between two turns; returns a future of its result.
+
+        The whole of `fn` runs at once, holding back every generation meanwhile: give
+        long work to `run_in_turns` instead."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._wake:
             self._calls.append((fn, future))
             self._wake.notify()
         return future
 
-    def snapshot(self) -> dict[str, int]:
-        """The counters plus the requests queued and active right now."""
+    def run_in_turns(self, steps: Sequence[Callable[[], Any]],
+                     timeout: float | None = None) -> concurrent.futures.Future:
+        """Run `steps` on the worker, one per turn between generation turns; a future of
+        the list of their results.
+
+        Keep each step small (one batch of a classify request, say): a stream's next
+        token waits for at most one step. `timeout` (s) counts from now; past it the
+        future gets a TimeoutError. Cancelling the future stops the job before its
+        next step.
+        """
+        if not steps:
+            raise BadInputError("a job needs at least one step")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        job = Job(list(steps), time.monotonic() + timeout if timeout else None, future)
         with self._wake:
-            return {**self.stats, "queued": len(self._queue), "active": len(self._active)}
+            self._jobs.append(job)
+            self.stats["submitted"] += 1
+            self._wake.notify()
+        return future
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters plus the requests queued and active right now (jobs: under way)."""
+        with self._wake:
+            return {**self.stats, "queued": len(self._queue), "active": len(self._active),
+                    "jobs": len(self._jobs)}
 
     # -- the worker's side -----------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self._queue or self._active or self._calls):
+                while not (self._stopping or self._queue or self._active or self._calls or self._jobs):
                     self._wake.wait()
                 if self._stopping:
                     for gen in [*self._active, *self._queue]:
                         self._emit(gen, Event(finish_reason="error", error="the server is shutting down"))
+                    for job in self._jobs:
+                        self._settle(job, error=RuntimeError("the server is shutting down"),
+                                     outcome="failed")
                     self._active.clear()
                     self._queue.clear()
+                    self._jobs.clear()
                     self._rows.clear()
                     self._cache = None  # its memory goes back; a restart makes a new one
                     return
@@ -238,12 +290,17 @@ class Engine:
                 while self._queue and len(self._active) < self.max_active:
                     self._active.append(self._queue.popleft())
                 active = list(self._active)
+                job = self._jobs[0] if self._jobs else None
+                self._jobs.rotate(-1)  # the next loop serves the next job
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
                     except BaseException as err:  # the caller gets it from the future
                         future.set_exception(err)
+            if job is not None and self._job_step(job):
+                with self._wake:
+                    self._jobs.remove(job)
             finished = self._turn(active)
             if finished:
                 with self._wake:
@@ -260,6 +317,38 @@ class Engine:
                 self._queue.remove(gen)
                 self.stats["timed_out"] += 1
                 self._emit(gen, Event(finish_reason="timeout"))
+
+    def _job_step(self, job: Job) -> bool:
+        """Run the next step of `job`, unless it was cancelled or is out of time; True once
+        the job is over (its future settled)."""
+        if job.future.cancelled():
+            self.stats["cancelled"] += 1
+            return True
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            self._settle(job, error=TimeoutError("the job ran past its deadline"), outcome="timed_out")
+            return True
+        try:
+            job.results.append(job.steps[len(job.results)]())
+        except Exception as err:  # the caller gets it from the future; serving goes on
+            self._settle(job, error=err, outcome="failed")
+            return True
+        self.stats["job_steps"] += 1
+        if len(job.results) < len(job.steps):
+            return False
+        self._settle(job, result=job.results)
+        return True
+
+    def _settle(self, job: Job, result: Any = None, error: BaseException | None = None,
+                outcome: str = "completed") -> None:
+        """Give `job`'s future its result or error and count the outcome."""
+        try:
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
+        except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+            outcome = "cancelled"
+        self.stats[outcome] += 1
 
     def _turn(self, active: list[Generation]) -> list[Generation]:
         """Generate one token for every active request; return those that finished.
