@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,25 @@ PRESET_ALIASES: dict[str, str] = {
 }
 
 PRESETS: tuple[str, ...] = tuple(_PRESET_SHAPES)
+
+# The largest value each size field takes: far beyond any GPT-2 (or GPT-3: 96 layers,
+# 12288 wide, 2048 positions), but small enough that a typo such as an extra six zeros
+# is refused at once instead of sending the allocator after terabytes.
+SIZE_LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 21,
+    "context_length": 1 << 20,
+    "emb_dim": 1 << 16,
+    "n_heads": 1 << 10,
+    "n_layers": 1 << 10,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def canonical_preset(name: str) -> str | None:
@@ -59,17 +79,35 @@ class GPTConfig:
     attn_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
-        if self.emb_dim % self.n_heads:
-            raise BadInputError(
-                f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
-            )
+        """Refuse a shape that cannot be built, naming the field and what it takes."""
+        problems = []
+        for name, limit in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= limit:
+                problems.append(f"{name} must be a whole number from 1 to {limit:,}, not {value!r}")
+        if not _is_number(self.drop_rate) or not 0.0 <= self.drop_rate < 1.0:
+            problems.append(f"drop_rate must be a number in [0, 1), not {self.drop_rate!r}")
+        if not _is_number(self.ln_eps) or not self.ln_eps > 0:
+            problems.append(f"ln_eps must be a number above 0, not {self.ln_eps!r}")
+        for name in ("qkv_bias", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.attn_impl not in ("sdpa", "math"):
-            raise BadInputError(f"attn_impl must be 'sdpa' or 'math', not {self.attn_impl!r}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise BadInputError(f"drop_rate must be in [0, 1), not {self.drop_rate}")
-        for field in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            if getattr(self, field) <= 0:
-                raise BadInputError(f"{field} must be positive, not {getattr(self, field)}")
+            problems.append(f"attn_impl must be 'sdpa' or 'math', not {self.attn_impl!r}")
+        if not problems and self.emb_dim % self.n_heads:
+            problems.append(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        if problems:
+            raise BadInputError("; ".join(problems))
+
+    def num_parameters(self) -> int:
+        """How many parameters a GPTModel of this config holds (a tied head counted once),
+        computed from the shape alone, without building the model."""
+        d = self.emb_dim
+        # Per block: two LayerNorms (2d each), QKV (3d^2 + 3d bias), attention output (d^2 + d),
+        # feed-forward up (4d^2 + 4d) and down (4d^2 + d).
+        block = 12 * d * d + 10 * d + (3 * d if self.qkv_bias else 0)
+        head = 0 if self.tie_weights else self.vocab_size * d
+        return (self.vocab_size + self.context_length) * d + self.n_layers * block + 2 * d + head
 
     @property
     def head_dim(self) -> int:

@@ -8,6 +8,7 @@ token at every position.
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 from pathlib import Path
@@ -22,6 +23,26 @@ from gptforge.fileio import atomic_write, atomic_write_json
 from gptforge.tokenizer import EOT_ID, get_tokenizer, text_to_ids
 
 
+def check_vocabulary(cfg, what: str = "the model") -> None:
+    """Refuse a model whose vocabulary is smaller than GPT-2's tokenizer's (50257 ids):
+    its embedding has no row for the larger token ids the text will hold."""
+    n_vocab = get_tokenizer().n_vocab
+    if cfg.vocab_size < n_vocab:
+        raise BadInputError(f"{what} has a vocabulary of {cfg.vocab_size} tokens, but GPT-2's "
+                            f"tokenizer makes ids up to {n_vocab - 1}: train a model with "
+                            f"vocab_size {n_vocab} (or more)")
+
+
+def check_language_model(model, what: str = "the model") -> None:
+    """Refuse a model whose output head is not one score per token (a classifier's head),
+    where next-token predictions are needed: training a language model, generating, scoring."""
+    outputs = model.out_head.out_features
+    if outputs != model.cfg.vocab_size:
+        raise BadInputError(f"{what} is a classifier ({outputs} outputs, one per class), not a language "
+                            f"model: it has no next-token predictions; use a language model here, and "
+                            f"`gptforge classify` for the classifier")
+
+
 def _num_windows(n_tokens: int, max_length: int, stride: int) -> int:
     """Windows starting at 0, stride, 2*stride, ... that still have a target for every input."""
     if max_length <= 0 or stride <= 0:
@@ -32,13 +53,14 @@ def _num_windows(n_tokens: int, max_length: int, stride: int) -> int:
 class _WindowDataset(Dataset):
     """Sliding windows over a 1-D array of token ids (in memory or memory-mapped)."""
 
-    def __init__(self, ids: np.ndarray, max_length: int, stride: int, what: str) -> None:
+    def __init__(self, ids: np.ndarray, max_length: int, stride: int, what: str,
+                 hint: str = "use more text or a smaller max_length / context length") -> None:
         self.ids, self.max_length, self.stride = ids, max_length, stride
         self.n = _num_windows(len(ids), max_length, stride)
         if self.n == 0:
             raise BadInputError(
-                f"{what} has {len(ids)} tokens, too few for one window of {max_length} input tokens "
-                f"plus 1 target: use more text or a smaller max_length / context length"
+                f"{what} has {len(ids)} tokens, too few for one window: that needs {max_length + 1} "
+                f"({max_length} input tokens plus 1 target); {hint}"
             )
 
     def __len__(self) -> int:
@@ -56,30 +78,74 @@ class _WindowDataset(Dataset):
 
 
 class GPTDataset(_WindowDataset):
-    """Sliding-window dataset over the token ids of a text held in memory."""
+    """Sliding-window dataset over the token ids of a text held in memory.
 
-    def __init__(self, text: str, tokenizer=None, max_length: int = 256, stride: int = 128) -> None:
+    `what` names the text in errors ("the validation split of a.txt"), `hint` says
+    what to change when it is too short for one window.
+    """
+
+    def __init__(self, text: str, tokenizer=None, max_length: int = 256, stride: int = 128,
+                 what: str = "the text", hint: str = "use more text or a smaller max_length / context length",
+                 ) -> None:
         if not text:
-            raise BadInputError("the text is empty: give a text to make training windows from")
+            raise BadInputError(f"{what} is empty: there is no text to cut into windows")
         ids = np.asarray(text_to_ids(text, tokenizer), dtype=np.int64)
-        super().__init__(ids, max_length, stride, "the text")
+        super().__init__(ids, max_length, stride, what, hint)
 
 
 class TokenFileDataset(_WindowDataset):
     """Sliding windows read from a flat uint16 token file (made by `prepare_token_file`).
 
     The file is memory-mapped, so corpora larger than memory work; `start`/`end`
-    (fractions of the file) select a part of it, e.g. a validation split.
+    (fractions of the file) select a part of it, e.g. a validation split. The
+    summary `prepare_token_file` writes beside it (`<file>.json`) must be there and
+    match the file, so a text file or a cut-off copy is refused rather than read as tokens.
     """
 
     def __init__(self, path: str | os.PathLike, max_length: int = 1024, stride: int | None = None,
-                 start: float = 0.0, end: float = 1.0) -> None:
+                 start: float = 0.0, end: float = 1.0, what: str | None = None,
+                 hint: str = "use more text or a smaller max_length / context length") -> None:
         path = Path(path)
-        if not path.is_file():
-            raise NotFoundError(f"token file {path} not found: make one with `gptforge prepare`")
-        ids = np.memmap(path, dtype=np.uint16, mode="r")
+        n_tokens = check_token_file(path)
+        ids = np.memmap(path, dtype=np.uint16, mode="r", shape=(n_tokens,)) if n_tokens else \
+            np.zeros(0, dtype=np.uint16)
         ids = ids[int(len(ids) * start):int(len(ids) * end)]
-        super().__init__(ids, max_length, stride or max_length, f"token file {path}")
+        super().__init__(ids, max_length, stride or max_length, what or f"token file {path}", hint)
+
+
+def check_token_file(path: str | os.PathLike) -> int:
+    """The number of tokens in a token file made by `prepare_token_file`, after checking
+    that the file is one: its summary `<file>.json` is there, says uint16, and its
+    token count matches the file's size. BadInputError (NotFoundError) otherwise."""
+    path = Path(path)
+    summary_path = Path(str(path) + ".json")
+    remake = f"make it again with `gptforge prepare TEXT... --out {path}`"
+    if path.is_dir():
+        raise BadInputError(f"{path} is a directory, not a token file; give the file that "
+                            f"`gptforge prepare` wrote (or use --text for a directory of text files)")
+    if not path.is_file():
+        raise NotFoundError(f"token file {path} not found: make one with `gptforge prepare`")
+    if not summary_path.is_file():
+        raise BadInputError(f"{path} is not a token file made by `gptforge prepare` (there is no "
+                            f"{summary_path.name} beside it); use --text for text files, or make a "
+                            f"token file with `gptforge prepare {path} --out TOKENS.bin`")
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(f"{summary_path} is not valid JSON ({err}); {remake}") from None
+    tokens = summary.get("tokens") if isinstance(summary, dict) else None
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise BadInputError(f"{summary_path} gives no token count; it is not the summary "
+                            f"`gptforge prepare` writes: {remake}")
+    if summary.get("dtype", "uint16") != "uint16":
+        raise BadInputError(f"{summary_path} says the tokens are {summary.get('dtype')!r}; gptforge "
+                            f"reads uint16 token files: {remake}")
+    size = path.stat().st_size
+    if size != 2 * tokens:
+        raise BadInputError(f"{path} has {size:,} bytes, but {summary_path.name} says it holds "
+                            f"{tokens:,} uint16 tokens ({2 * tokens:,} bytes): the file was cut off "
+                            f"or changed; {remake}")
+    return tokens
 
 
 def create_dataloader(
@@ -108,27 +174,75 @@ def create_dataloader(
 # Corpora larger than memory: tokenize to a flat uint16 file once, then stream windows.
 
 def expand_paths(patterns: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files named directly, every file under a directory (sorted), and glob matches."""
+    """Files named directly, every file under a directory (sorted), and glob matches.
+
+    A pattern that yields no file (an empty directory, a glob matching nothing or only
+    directories) is an error that names it.
+    """
     files: list[Path] = []
+    patterns = list(patterns)
+    if not patterns:
+        raise BadInputError("no input files given: name text files, directories or globs")
     for pattern in patterns:
         p = Path(pattern)
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+            found = sorted(f for f in p.rglob("*") if f.is_file())
+            if not found:
+                raise NotFoundError(f"directory {str(pattern)!r} holds no files: put text files in "
+                                    f"it or name the files themselves")
         elif p.is_file():
-            files.append(p)
+            found = [p]
         else:
             matches = sorted(Path(m) for m in glob.glob(str(pattern), recursive=True))
+            found = [m for m in matches if m.is_file()]
             if not matches:
-                raise NotFoundError(f"no file matches {str(pattern)!r}")
-            files.extend(m for m in matches if m.is_file())
-    if not files:
-        raise NotFoundError("no input files given")
+                raise NotFoundError(f"no file matches {str(pattern)!r}: check the path (a glob "
+                                    f"such as 'texts/*.txt' must match at least one file)")
+            if not found:
+                raise NotFoundError(f"{str(pattern)!r} matches only directories, no files: name the "
+                                    f"directories themselves, or use a glob such as 'dir/**/*.txt'")
+        files.extend(found)
     return files
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file; BadInputError naming the file (and where it goes wrong)
+    for a file that is not UTF-8 text or that holds NUL bytes (a binary file)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise BadInputError(f"{path} is a directory, not a text file") from None
+    except FileNotFoundError:
+        raise NotFoundError(f"{path} not found") from None
+    if Path(str(path) + ".json").is_file() and (b"\0" in data or not _is_utf8(data)):
+        raise BadInputError(f"{path} is a token file made by `gptforge prepare`, not text: train on "
+                            f"it with `gptforge pretrain --data {path}`, and leave it out of text inputs")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise BadInputError(f"{path} is not UTF-8 text: the byte at offset {err.start} (line {line}) "
+                            f"is 0x{data[err.start]:02x}, which UTF-8 cannot decode; convert the file "
+                            f"to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or leave it out") from None
+    nul = text.find("\0")
+    if nul != -1:
+        raise BadInputError(f"{path} holds NUL bytes (the first at character {nul}): it is a binary "
+                            f"file, not text; give text files (UTF-8) here")
+    return text
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def read_texts(patterns: Sequence[str | os.PathLike]) -> str:
     """Read and join the text of files, directories and globs (documents separated by <|endoftext|>)."""
-    return "<|endoftext|>".join(f.read_text(encoding="utf-8") for f in expand_paths(patterns))
+    return "<|endoftext|>".join(read_text_file(f) for f in expand_paths(patterns))
 
 
 def _chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
@@ -139,6 +253,21 @@ def _chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
         end = len(text) if end == -1 else end + 1
         yield text[start:end]
         start = end
+
+
+def check_output_file(path: str | os.PathLike, what: str = "the output file") -> None:
+    """Refuse an output path that cannot become a file: an existing directory, or one
+    below something that is not a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"{what} {path} is an existing directory; give a file name "
+                            f"(e.g. {path / 'out'})")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadInputError(f"{what} {path} cannot be written: {parent} is a file, not a "
+                                    f"directory")
+            break
 
 
 def prepare_token_file(
@@ -154,15 +283,22 @@ def prepare_token_file(
     written beside it (`<out>.json`) and returned. `on_progress(n_bytes)` is called
     as input is consumed, for a progress bar.
     """
+    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        raise BadInputError(f"num_threads (--threads) must be a whole number of at least 1, not "
+                            f"{num_threads!r}")
     files = expand_paths(inputs)
-    tokenizer = get_tokenizer()
     out = Path(out)
+    check_output_file(out, "the token file")
+    if any(out.resolve() == f.resolve() for f in files):
+        raise BadInputError(f"the token file {out} is one of the inputs; writing it would replace "
+                            f"that text: choose another --out")
+    tokenizer = get_tokenizer()
     out.parent.mkdir(parents=True, exist_ok=True)
     threads = num_threads or os.cpu_count() or 1
     n_tokens = 0
     with atomic_write(out) as f:
         for path in files:
-            text = path.read_text(encoding="utf-8")
+            text = read_text_file(path)
             pieces = list(_chunks(text))
             # tiktoken's batch encoder runs its Rust code on several threads at once.
             for start in range(0, len(pieces), 4 * threads):

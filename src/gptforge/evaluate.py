@@ -9,7 +9,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from gptforge.data import GPTDataset, read_texts
+from gptforge.data import GPTDataset, check_language_model, check_vocabulary, read_texts
+from gptforge.errors import BadInputError
 from gptforge.model import GPTModel
 
 
@@ -21,15 +22,27 @@ def evaluate_text(model: GPTModel, texts: Sequence[str | os.PathLike], context_l
     Returns the mean cross-entropy per predicted token (nats), its perplexity, and the
     number of tokens scored.
     """
-    return evaluate_string(model, read_texts(texts), context_length, batch_size, progress)
+    what = f"the text of {', '.join(map(str, texts))}"
+    return evaluate_string(model, read_texts(texts), context_length, batch_size, progress, what=what)
 
 
 @torch.inference_mode()
 def evaluate_string(model: GPTModel, text: str, context_length: int | None = None,
-                    batch_size: int = 4, progress: bool = False) -> dict[str, float]:
-    """Like `evaluate_text`, for a text already in memory."""
-    ctx = min(context_length or model.cfg.context_length, model.cfg.context_length)
-    data = GPTDataset(text, max_length=ctx, stride=ctx)
+                    batch_size: int = 4, progress: bool = False, what: str = "the text") -> dict[str, float]:
+    """Like `evaluate_text`, for a text already in memory (`what` names it in errors)."""
+    check_language_model(model)
+    check_vocabulary(model.cfg)
+    ctx = model.cfg.context_length
+    if context_length is not None:
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or \
+                not 1 <= context_length <= ctx:
+            raise BadInputError(f"--context-length must be a whole number from 1 to the model's "
+                                f"context length ({ctx}), not {context_length!r}")
+        ctx = context_length
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BadInputError(f"--batch-size must be a whole number of at least 1, not {batch_size!r}")
+    data = GPTDataset(text, max_length=ctx, stride=ctx, what=what,
+                      hint="give a longer text or a smaller --context-length")
     device = model.emb.tok.weight.device
     model.eval()
     total, count = 0.0, 0

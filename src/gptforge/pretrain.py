@@ -15,7 +15,7 @@ import torch
 
 from gptforge.checkpoint import RunMeta
 from gptforge.config import GPTConfig, book_config, canonical_preset
-from gptforge.data import GPTDataset, TokenFileDataset, check_vocabulary, read_texts
+from gptforge.data import GPTDataset, TokenFileDataset, check_language_model, check_vocabulary, read_texts
 from gptforge.errors import BadInputError
 from gptforge.loader import load
 from gptforge.model import GPTModel, set_dropout
@@ -155,6 +155,7 @@ def pretrain(
     model, or the checkpoint that training continues).
     """
     check_vocabulary(model.cfg, "the model")
+    check_language_model(model, f"the model ({base_model})" if base_model else "the model")
     train, val = load_datasets(data, model.cfg.context_length)
     meta = RunMeta(model=model.cfg, task="lm", data=asdict(data), base_model=base_model)
     trainer = Trainer(model, train, val, lm_loss, cfg, out_dir, meta, progress=progress)

@@ -47,9 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.no_verify:
-        from gptforge.loader import NO_VERIFY_ENV
+    from gptforge.loader import NO_VERIFY_ENV
 
+    saved_verify = os.environ.get(NO_VERIFY_ENV)
+    if args.no_verify:
         os.environ[NO_VERIFY_ENV] = "1"
     try:
         return args.func(args) or 0
@@ -61,3 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:  # a command run from Python (a test, a notebook) leaves the setting as it found it
+        if saved_verify is None:
+            os.environ.pop(NO_VERIFY_ENV, None)
+        else:
+            os.environ[NO_VERIFY_ENV] = saved_verify

@@ -9,11 +9,17 @@ from pathlib import Path
 from gptforge.cli.common import (
     add_device_arg,
     add_train_args,
+    allocation_guard,
+    check_model_memory,
     check_new_run_dir,
+    dropout_rate,
     finetune_group,
+    positive_float,
     positive_int,
     print_eval,
+    refuse_on_resume,
     say,
+    seed_int,
     train_config,
 )
 from gptforge.errors import BadInputError
@@ -39,20 +45,21 @@ def _add_finetune_classify(tasks) -> None:
                     "labelled texts. Without data flags: the SMS Spam Collection, balanced "
                     "and split as in the book.")
     model = p.add_argument_group("model")
-    model.add_argument("--model", default="gpt2-small",
-                       help="model to start from: preset (downloads GPT-2), checkpoint or run directory")
+    model.add_argument("--model", default=None,
+                       help="model to start from: preset (downloads GPT-2; default gpt2-small), "
+                            "checkpoint or run directory")
     model.add_argument("--init", default=None, metavar="PRESET",
                        help="start from a fresh, untrained model of this preset instead of --model")
-    model.add_argument("--context-length", type=positive_int, default=256,
-                       help="context length of an --init model")
+    model.add_argument("--context-length", type=positive_int, default=None,
+                       help="context length of an --init model (default 256)")
     for flag in ("--n-layers", "--emb-dim", "--n-heads"):
         model.add_argument(flag, type=positive_int, default=None, help="shape of an --init model")
-    model.add_argument("--dropout", type=float, default=0.0, help="dropout rate (book: 0.0)")
+    model.add_argument("--dropout", type=dropout_rate, default=0.0, help="dropout rate in [0, 1) (book: 0.0)")
     model.add_argument("--trainable", choices=TRAINABLE, default="last-block",
                        help="what trains: the last block + final norm + head (book), all, "
                             "the head only, or LoRA adapters + head")
     model.add_argument("--lora-rank", type=positive_int, default=16)
-    model.add_argument("--lora-alpha", type=float, default=16.0)
+    model.add_argument("--lora-alpha", type=positive_float, default=16.0, help="LoRA scale, above 0")
     model.add_argument("--pooling", choices=POOLINGS, default="last-token",
                        help="which outputs classify a text: its last real token, the last "
                             "position (the book; padding included), or the mean over its tokens")
@@ -67,7 +74,7 @@ def _add_finetune_classify(tasks) -> None:
     data.add_argument("--test", default=None, metavar="FILE", help="test CSV/TSV")
     data.add_argument("--text-column", default="Text")
     data.add_argument("--label-column", default="Label")
-    data.add_argument("--split-seed", type=int, default=123, help="seed of the balancing and split")
+    data.add_argument("--split-seed", type=seed_int, default=123, help="seed of the balancing and split")
     data.add_argument("--book-quoting", action="store_true",
                       help="read the spam file as the book's pandas code does (quotes glue a few "
                            "lines together), to get exactly the book's split")
@@ -78,10 +85,20 @@ def _add_finetune_classify(tasks) -> None:
     p.set_defaults(func=cmd_finetune_classify)
 
 
+# Flags that describe a new run: refused with --resume, which keeps the run's own.
+NEW_RUN_FLAGS = {"model": "--model", "init": "--init", "context_length": "--context-length",
+                 "n_layers": "--n-layers", "emb_dim": "--emb-dim", "n_heads": "--n-heads",
+                 "max_length": "--max-length", "data": "--data", "train": "--train", "val": "--val",
+                 "test": "--test", "out": "--out"}
+
+
 def _load_splits(args: argparse.Namespace):
     from gptforge.finetune.classify import TextSplits, read_examples, shuffle_split, sms_spam_splits
 
     columns = dict(text_column=args.text_column, label_column=args.label_column)
+    if args.text_column == args.label_column:
+        raise BadInputError(f"--text-column and --label-column both name {args.text_column!r}; the "
+                            f"texts and their labels must be in different columns")
     if args.data and args.train:
         raise BadInputError("give either --data (split 70/10/20) or --train/--val/--test, not both")
     if (args.val or args.test) and not args.train:
@@ -102,10 +119,17 @@ def _build_model(args: argparse.Namespace):
 
     shape = {k: getattr(args, k) for k in ("n_layers", "emb_dim", "n_heads") if getattr(args, k)}
     if args.init:
-        return GPTModel(book_config(args.init, args.context_length, drop_rate=args.dropout, **shape))
-    if shape:
-        raise BadInputError("--n-layers/--emb-dim/--n-heads shape a fresh model; use them with --init")
-    model = load(args.model, for_training=True)
+        if args.model is not None:
+            raise BadInputError("give --model (a trained model to start from) or --init (a fresh "
+                                "model of a preset), not both")
+        cfg = book_config(args.init, args.context_length or 256, drop_rate=args.dropout, **shape)
+        check_model_memory(cfg, args.device)
+        with allocation_guard(cfg):
+            return GPTModel(cfg)
+    if shape or args.context_length is not None:
+        raise BadInputError("--n-layers/--emb-dim/--n-heads/--context-length shape a fresh model; use "
+                            "them with --init")
+    model = load(args.model or "gpt2-small", for_training=True)
     set_dropout(model, args.dropout)
     return model
 
@@ -125,6 +149,7 @@ def cmd_finetune_classify(args: argparse.Namespace) -> int:
     from gptforge.finetune.lora import count_trainable
 
     if args.resume:
+        refuse_on_resume(args, NEW_RUN_FLAGS)
         out = Path(args.resume)
         meta = read_classifier_meta(out)
         cfg = train_config(args, out)
@@ -136,15 +161,18 @@ def cmd_finetune_classify(args: argparse.Namespace) -> int:
     else:
         cfg = train_config(args)
         splits, data_name = _load_splits(args)
-        labels = splits.label_names()
+        try:
+            labels = splits.label_names()
+        except BadInputError as err:
+            raise BadInputError(f"{args.train or args.data or 'the SMS Spam Collection'}: {err}") from None
+        out = Path(args.out) if args.out else default_run_dir(
+            f"{Path(args.init or args.model or 'gpt2-small').name}-{data_name}-classifier")
+        check_new_run_dir(out)
         torch.manual_seed(cfg.seed)
         model = prepare_classifier(_build_model(args), len(labels), args.trainable,
                                    args.lora_rank, args.lora_alpha)
         pooling, max_length = args.pooling, args.max_length
-        base = f"init:{args.init}" if args.init else _absolute(args.model)
-        out = Path(args.out) if args.out else default_run_dir(
-            f"{Path(args.init or args.model).name}-{data_name}-classifier")
-        check_new_run_dir(out)
+        base = f"init:{args.init}" if args.init else _absolute(args.model or "gpt2-small")
     trainable, total = count_trainable(model)
     say(f"Classes: {', '.join(labels)}. Examples: {len(splits.train)} train, {len(splits.val)} "
         f"validation, {len(splits.test)} test. Trainable parameters: {trainable:,} of {total:,}.")
@@ -202,6 +230,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
+    from gptforge.data import check_output_file
     from gptforge.fileio import atomic_write
     from gptforge.finetune.classify import TextClassifier, read_table, require_columns
 
@@ -209,6 +238,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
         raise BadInputError("nothing to classify: give texts as arguments or a file with --file")
     if args.out and not args.file:
         raise BadInputError("--out writes the rows of --file; give --file too")
+    if args.out:
+        check_output_file(args.out, "--out")
+        if args.file and Path(args.out).resolve() == Path(args.file).resolve():
+            raise BadInputError(f"--out {args.out} is the --file being read; write to another file")
     for n, text in enumerate(args.texts, 1):
         if not text.strip():
             raise BadInputError(f"text {n} is empty; there is nothing to classify")

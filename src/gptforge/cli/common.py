@@ -158,9 +158,10 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 50) -> None:
     """Flags shared by every command that generates text."""
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
-    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k likeliest tokens")
-    p.add_argument("--top-p", type=fraction, default=None,
+    # Checked by generate.check_sampling (in sampling_from_args), as for library callers.
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None,
                    help="sample from the likeliest tokens that together have probability p, in (0, 1]")
     p.add_argument("--seed", type=seed_int, default=None, help="seed for reproducible sampling")
 
@@ -171,6 +172,9 @@ def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
     from gptforge.generate import check_sampling
 
+    if not math.isfinite(args.temperature):
+        raise BadInputError(f"--temperature must be a finite number >= 0 (0 means greedy), got "
+                            f"{args.temperature}")
     check_sampling(args.temperature, args.top_k, args.top_p)
     generator = None
     if args.seed is not None:

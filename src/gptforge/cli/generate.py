@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from gptforge.cli.common import add_device_arg, add_sampling_args, sampling_from_args
+from gptforge.errors import BadInputError
 
 
 def add_commands(sub) -> None:
@@ -21,11 +22,16 @@ def add_commands(sub) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from gptforge.data import check_language_model
     from gptforge.generate import stream_text
     from gptforge.loader import load
 
+    if args.quantize and args.device != "cpu":
+        raise BadInputError(f"--quantize int8 runs on the CPU only; leave out --device {args.device} "
+                            f"or the quantization")
     sampling = sampling_from_args(args)
     model = load(args.model, device=args.device)
+    check_language_model(model, args.model)
     if args.quantize:
         from gptforge.quantize import quantize_int8
 

@@ -14,12 +14,19 @@ from gptforge.cli.common import (
     add_sampling_args,
     add_train_args,
     check_new_run_dir,
+    dropout_rate,
     finetune_group,
+    http_url,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
     positive_int,
     print_eval,
     print_finish,
+    refuse_on_resume,
     sampling_from_args,
     say,
+    seed_int,
     train_config,
 )
 from gptforge.errors import BadInputError, NotFoundError
@@ -38,10 +45,14 @@ def add_commands(sub) -> None:
 
 
 def _load_model(source: str, device: str = "cpu"):
-    """(model, run metadata) for a run directory (full or LoRA), a checkpoint or a preset."""
+    """(model, run metadata) for a run directory (full or LoRA), a checkpoint or a preset;
+    a classifier is refused, as it has no next-token predictions to answer or score with."""
+    from gptforge.data import check_language_model
     from gptforge.loader import load, read_run
 
-    return load(source, device=device), read_run(source)
+    model = load(source, device=device)
+    check_language_model(model, str(source))
+    return model, read_run(source)
 
 
 def _template(name: str | None, meta):
@@ -56,21 +67,22 @@ def _template(name: str | None, meta):
 
 def _add_finetune_instruct(tasks) -> None:
     p = tasks.add_parser("instruct", help="fine-tune a model to follow instructions (the book's chapter 7)")
-    p.add_argument("--model", default="gpt2-medium",
+    p.add_argument("--model", default=None,
                    help="preset, run directory or checkpoint to start from (default gpt2-medium)")
     p.add_argument("--data", default=None,
                    help="JSON or JSONL file of instruction/input/output entries "
                         "(default: the book's instruction-data.json)")
-    p.add_argument("--template", choices=TEMPLATE_NAMES, default="alpaca")
-    p.add_argument("--mask-prompt", action="store_true",
+    p.add_argument("--template", choices=TEMPLATE_NAMES, default=None, help="prompt template (default alpaca)")
+    p.add_argument("--mask-prompt", action="store_true", default=None,
                    help="train only on the responses (prompt targets are ignored)")
-    p.add_argument("--max-length", type=positive_int, default=1024,
-                   help="truncate examples to this many tokens (capped at the context length)")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="truncate examples to this many tokens (default 1024; capped at the context length)")
     p.add_argument("--lora-rank", type=positive_int, default=None,
                    help="train LoRA adapters of this rank instead of all weights")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale (default: the rank)")
-    p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the model's)")
-    p.add_argument("--max-test", type=int, default=None,
+    p.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA scale (default: the rank)")
+    p.add_argument("--dropout", type=dropout_rate, default=None,
+                   help="dropout rate in [0, 1) (default: the model's)")
+    p.add_argument("--max-test", type=non_negative_int, default=None,
                    help="answer only the first N test entries (0: none; default: all)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256,
                    help="longest test-set response in tokens")
@@ -82,33 +94,44 @@ def _add_finetune_instruct(tasks) -> None:
     p.set_defaults(func=cmd_finetune_instruct)
 
 
+# Flags that describe a new run: refused with --resume, which keeps the run's own.
+NEW_RUN_FLAGS = {"model": "--model", "data": "--data", "template": "--template",
+                 "mask_prompt": "--mask-prompt", "max_length": "--max-length",
+                 "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "out": "--out"}
+
+
 def cmd_finetune_instruct(args: argparse.Namespace) -> int:
     import torch
 
     from gptforge.checkpoint import default_run_dir
+    from gptforge.data import check_language_model
     from gptforge.finetune.instruct import InstructOptions, finetune_instruct, load_run_for_resume
     from gptforge.loader import load
 
-    if args.lora_alpha is not None and args.lora_rank is None:
-        raise BadInputError("--lora-alpha needs --lora-rank")
     if args.resume:
+        refuse_on_resume(args, NEW_RUN_FLAGS)
         out = Path(args.resume)
         cfg = train_config(args, out)
         model, base, options = load_run_for_resume(out)
         options.max_test, options.max_new_tokens = args.max_test, args.max_new_tokens
         options.gen_batch_size = args.gen_batch_size
     else:
+        if args.lora_alpha is not None and args.lora_rank is None:
+            raise BadInputError("--lora-alpha needs --lora-rank")
         cfg = train_config(args)
-        options = InstructOptions(data=args.data, template=args.template, mask_prompt=args.mask_prompt,
-                                  max_length=args.max_length, lora_rank=args.lora_rank,
+        source = args.model or "gpt2-medium"
+        options = InstructOptions(data=args.data, template=args.template or "alpaca",
+                                  mask_prompt=bool(args.mask_prompt),
+                                  max_length=args.max_length or 1024, lora_rank=args.lora_rank,
                                   lora_alpha=args.lora_alpha, max_test=args.max_test,
                                   max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size)
-        torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn at random
-        model = load(args.model, for_training=True)
-        base = args.model
         suffix = f"-lora{args.lora_rank}" if args.lora_rank else ""
-        out = Path(args.out) if args.out else default_run_dir(f"{Path(args.model).name}-instruct{suffix}")
+        out = Path(args.out) if args.out else default_run_dir(f"{Path(source).name}-instruct{suffix}")
         check_new_run_dir(out)
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn at random
+        model = load(source, for_training=True)
+        check_language_model(model, source)
+        base = source
     if args.dropout is not None:
         from gptforge.model import set_dropout
 
@@ -147,7 +170,7 @@ def _add_chat(sub) -> None:
     p.add_argument("--model", required=True, help="run directory, checkpoint or preset")
     p.add_argument("--template", choices=TEMPLATE_NAMES, default=None,
                    help="prompt template (default: the run's, else alpaca)")
-    p.add_argument("--history", type=int, default=3,
+    p.add_argument("--history", type=non_negative_int, default=3,
                    help="earlier exchanges shown to the model (0: none)")
     add_device_arg(p)
     add_sampling_args(p, max_new_tokens=256)
@@ -236,6 +259,8 @@ def _add_ask(sub) -> None:
 def cmd_ask(args: argparse.Namespace) -> int:
     from gptforge.finetune.instruct import answer
 
+    if not args.instruction.strip():
+        raise BadInputError("the instruction is empty; say what the model should do")
     sampling = sampling_from_args(args)
     model, meta = _load_model(args.model, args.device)
     template = _template(args.template, meta)
@@ -256,20 +281,48 @@ def _add_evaluate_responses(sub) -> None:
                    help="also report this model's loss on the reference responses")
     p.add_argument("--template", choices=TEMPLATE_NAMES, default=None,
                    help="template for --model (default: the run's, else alpaca)")
-    p.add_argument("--judge-url", default=None,
+    p.add_argument("--judge-url", type=http_url, default=None,
                    help="judge server, e.g. http://localhost:11434 (Ollama) or an OpenAI-compatible base URL")
     p.add_argument("--judge-model", default=None, help="judge model name, e.g. llama3")
     p.add_argument("--judge-api", choices=["openai", "ollama"], default="openai")
     p.add_argument("--judge-cache", default=None,
                    help="cache of judge replies (default: judge_cache.json beside the responses)")
-    p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request")
-    p.add_argument("--judge-retries", type=int, default=3)
-    p.add_argument("--judge-backoff", type=float, default=1.0, help="first wait between retries (s)")
-    p.add_argument("--judge-seed", type=int, default=123)
+    p.add_argument("--judge-timeout", type=positive_float, default=60.0, help="seconds per request")
+    p.add_argument("--judge-retries", type=non_negative_int, default=3)
+    p.add_argument("--judge-backoff", type=non_negative_float, default=1.0,
+                   help="first wait between retries (s)")
+    p.add_argument("--judge-seed", type=seed_int, default=123)
     p.add_argument("--out", default=None, help="report file (default: report.json beside the responses)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     add_device_arg(p)
     p.set_defaults(func=cmd_evaluate_responses)
+
+
+def _read_responses(path: Path, key: str) -> list[dict]:
+    """The entries of a responses file, each checked to hold an instruction, its reference
+    ("output") and a response (`key`)."""
+    from gptforge.data import read_text_file
+    from gptforge.finetune.instruct import kind_of
+
+    try:
+        entries = json.loads(read_text_file(path))
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"{path} is not valid JSON ({err}); give the responses.json that "
+                            f"`gptforge finetune instruct` wrote") from None
+    if not isinstance(entries, list):
+        raise BadInputError(f"{path} must hold a JSON list of entries, not {kind_of(entries)}")
+    if not entries:
+        raise BadInputError(f"{path} holds no entries; there is nothing to evaluate")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise BadInputError(f"{path}: entry {i} is {kind_of(entry)}, not an object with "
+                                f"'instruction', 'output' and {key!r}")
+        for name in ("instruction", "output", key):
+            if name not in entry:
+                hint = " (name the response key with --response-key)" if name == key else ""
+                raise BadInputError(f"{path}: entry {i} has no {name!r} key{hint}; evaluate a "
+                                    f"responses.json written by `gptforge finetune instruct`")
+    return entries
 
 
 def cmd_evaluate_responses(args: argparse.Namespace) -> int:
@@ -278,9 +331,11 @@ def cmd_evaluate_responses(args: argparse.Namespace) -> int:
     path = Path(args.responses)
     if not path.is_file():
         raise NotFoundError(f"no responses file at {path}")
-    entries = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(entries, list):
-        raise BadInputError(f"{path} must hold a JSON list of entries")
+    entries = _read_responses(path, args.response_key)
+    if args.out:
+        from gptforge.data import check_output_file
+
+        check_output_file(args.out, "--out")
     model, template = None, "alpaca"
     if args.model:
         model, meta = _load_model(args.model, args.device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from gptforge.cli.common import check_output_dir
+
 
 def add_commands(sub) -> None:
     p = sub.add_parser("info", help="parameter counts and memory of a preset or checkpoint")
@@ -54,6 +56,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from gptforge.convert import convert
 
+    check_output_dir(args.out, "the output directory", source=args.source)
     print(convert(args.source, args.out, to=args.to))
     return 0
 
@@ -63,6 +66,7 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     from gptforge.errors import BadInputError
     from gptforge.loader import read_run
 
+    check_output_dir(args.out, "the output directory", source=args.run)
     if not read_run(args.run).adapters_only:
         raise BadInputError(f"{args.run} is not a LoRA run (its gptforge.json names no adapters); "
                             f"it is a full model already")

@@ -14,6 +14,7 @@ the SMS Spam Collection gets ham = 0 and spam = 1, as in the book.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,7 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from gptforge.checkpoint import ClassifierSettings, RunMeta, is_gptforge_dir
-from gptforge.errors import BadInputError
+from gptforge.data import check_vocabulary, read_text_file
+from gptforge.errors import BadInputError, NotFoundError
 from gptforge.fileio import atomic_write, atomic_write_json
 from gptforge.finetune.lora import LoRALinear, apply_lora
 from gptforge.loader import load, read_run
@@ -54,19 +56,26 @@ def read_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]
     holds a tab but no comma; commas otherwise.
     """
     path = Path(path)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        header = f.readline()
-        f.seek(0)
-        tabbed = path.suffix.lower() in (".tsv", ".tab") or ("\t" in header and "," not in header)
-        reader = csv.DictReader(f, delimiter="\t" if tabbed else ",")
+    if not path.exists():
+        raise NotFoundError(f"no table at {path}: give a CSV or TSV file with a header line")
+    text = read_text_file(path).removeprefix("\ufeff")  # a byte-order mark is not part of the header
+    header = text.split("\n", 1)[0]
+    tabbed = path.suffix.lower() in (".tsv", ".tab") or ("\t" in header and "," not in header)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tabbed else ",")
+    try:
         rows = list(reader)
-        columns = list(reader.fieldnames or [])
+    except csv.Error as err:
+        raise BadInputError(f"{path}, line {reader.line_num}: not a valid CSV/TSV row ({err})") from None
+    columns = list(reader.fieldnames or [])
     return columns, rows
 
 
 def require_columns(path: str | os.PathLike, columns: Sequence[str], wanted: Sequence[str],
                     hint: str = "name the right ones with --text-column and --label-column") -> None:
     """Raise a ValueError naming the first of `wanted` that is not among `columns`."""
+    if not columns:
+        raise BadInputError(f"{path} is empty: a CSV/TSV file needs a header line naming its columns "
+                            f"(such as {', '.join(map(repr, wanted))})")
     for name in wanted:
         if name not in columns:
             found = ", ".join(repr(c) for c in columns) or "none"
@@ -519,6 +528,7 @@ def train_classifier(
     `load_for_training`). `callbacks` maps trainer events to functions of the
     trainer; `base_model` names the model the classifier starts from.
     """
+    check_vocabulary(model.cfg)
     labels = list(labels) if labels is not None else splits.label_names()
     context = model.cfg.context_length
     train = ClassificationDataset(splits.train, labels, max_length, context, what="the training data")

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gptforge.checkpoint import RunMeta
+from gptforge.data import check_language_model, check_vocabulary, read_text_file
 from gptforge.errors import BadInputError, NotFoundError
 from gptforge.fileio import atomic_write_bytes
 from gptforge.finetune.lora import apply_lora, has_lora
@@ -51,6 +52,12 @@ REQUIRED_KEYS = ("instruction", "output")
 # ------------------------------------------------------------------------------------
 # data
 
+def kind_of(value: Any) -> str:
+    """The Python type of a JSON value with its article ("a list", "an int"), for messages."""
+    name = type(value).__name__
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
 def check_entries(entries: Any, source: str = "the data") -> list[dict]:
     """Check that `entries` is a list of instruction entries; return them with "input" filled in.
 
@@ -63,7 +70,7 @@ def check_entries(entries: Any, source: str = "the data") -> list[dict]:
     checked = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise BadInputError(f"{source}: entry {i} is a {type(entry).__name__}, not an object with "
+            raise BadInputError(f"{source}: entry {i} is {kind_of(entry)}, not an object with "
                              f"'instruction', 'input' and 'output'")
         for key in REQUIRED_KEYS:
             if key not in entry:
@@ -72,7 +79,7 @@ def check_entries(entries: Any, source: str = "the data") -> list[dict]:
                                  f"'instruction' and 'output', and may have 'input'")
         for key in ("instruction", "input", "output"):
             if entry.get(key) is not None and not isinstance(entry[key], str):
-                raise BadInputError(f"{source}: entry {i} has a {type(entry[key]).__name__} under "
+                raise BadInputError(f"{source}: entry {i} has {kind_of(entry[key])} under "
                                  f"{key!r}; it must be text")
         checked.append({**entry, "input": entry.get("input") or ""})
     return checked
@@ -90,10 +97,13 @@ def load_instruction_data(source: str | os.PathLike | None = None) -> list[dict]
         path = Path(download(DEFAULT_DATA))
     else:
         path = Path(source)
+    if path.is_dir():
+        raise BadInputError(f"{path} is a directory; give a JSON or JSONL file whose entries have "
+                            f"'instruction', 'input' and 'output'")
     if not path.is_file():
         raise NotFoundError(f"no instruction data at {path}: give a JSON or JSONL file whose "
                                 f"entries have 'instruction', 'input' and 'output'")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     if path.suffix.lower() == ".jsonl":
         entries = []
         for n, line in enumerate(text.splitlines(), start=1):
@@ -108,6 +118,9 @@ def load_instruction_data(source: str | os.PathLike | None = None) -> list[dict]
         except json.JSONDecodeError as err:
             raise BadInputError(f"{path}: not valid JSON ({err}); for one entry per line name the "
                              f"file .jsonl") from None
+    if isinstance(entries, list) and not entries:
+        raise BadInputError(f"{path} holds no entries; give instruction entries with 'instruction', "
+                            f"'input' and 'output'")
     return check_entries(entries, str(path))
 
 
@@ -148,7 +161,15 @@ def read_splits(run_dir: str | os.PathLike) -> Splits:
     if missing:
         raise NotFoundError(f"{run} has no {', '.join(m + '.json' for m in missing)}; "
                                 f"it is not an instruction fine-tuning run")
-    return Splits(*(json.loads((run / f"{n}.json").read_text(encoding="utf-8")) for n in SPLIT_NAMES))
+    parts = []
+    for name in SPLIT_NAMES:
+        path = run / f"{name}.json"
+        try:
+            parts.append(check_entries(json.loads(read_text_file(path)), str(path)))
+        except json.JSONDecodeError as err:
+            raise BadInputError(f"{path} is not valid JSON ({err}); the run's data split is damaged: "
+                                f"start a new run") from None
+    return Splits(*parts)
 
 
 # ------------------------------------------------------------------------------------
@@ -413,12 +434,19 @@ def finetune_instruct(
     """
     from gptforge.training import Trainer, lm_loss
 
+    check_vocabulary(model.cfg)
+    check_language_model(model, f"the model ({base_model})")
     out = Path(out_dir)
     template = get_template(options.template)
     if resume:
         splits = read_splits(out)
     else:
-        splits = split_data(load_instruction_data(options.data))
+        entries = load_instruction_data(options.data)
+        splits = split_data(entries)
+        if not splits.train:
+            raise BadInputError(f"{options.data or DEFAULT_DATA} has {len(entries)} entr"
+                                f"{'y' if len(entries) == 1 else 'ies'}; its training split (the first "
+                                f"85%) is empty: give at least 2 entries")
         write_splits(splits, out)
     ctx = model.cfg.context_length
     max_length = min(options.max_length or ctx, ctx)
