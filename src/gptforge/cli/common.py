@@ -9,7 +9,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gptforge.errors import BadInputError
 
@@ -36,52 +36,24 @@ def _finite(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    value = _whole(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _ranged(parse: Callable[[str], Any], ok: Callable[[Any], bool], what: str, name: str):
+    """An argparse type: `parse` the text, then refuse a value that is not `ok`, saying `what`."""
+    def check(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    check.__name__ = name
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: a whole number of at least 0."""
-    value = _whole(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {text}")
-    return value
-
-
-def seed_int(text: str) -> int:
-    """An argparse type: a random seed, a whole number from 0 to 2**32 - 1."""
-    value = _whole(text)
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {SEED_MAX}, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """An argparse type: a finite number of at least 0."""
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """An argparse type: a share in (0, 1], such as a train ratio or top-p."""
-    value = _finite(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
-    return value
+positive_int = _ranged(_whole, lambda v: v >= 1, "a positive integer", "positive_int")
+non_negative_int = _ranged(_whole, lambda v: v >= 0, "a whole number of at least 0", "non_negative_int")
+seed_int = _ranged(_whole, lambda v: 0 <= v <= SEED_MAX, f"a whole number from 0 to {SEED_MAX}", "seed_int")
+positive_float = _ranged(_finite, lambda v: v > 0, "a number above 0", "positive_float")
+non_negative_float = _ranged(_finite, lambda v: v >= 0, "a number of at least 0", "non_negative_float")
+fraction = _ranged(_finite, lambda v: 0 < v <= 1, "a number in (0, 1]", "fraction")  # a train ratio, top-p
 
 
 def dropout_rate(text: str) -> float:
