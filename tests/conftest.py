@@ -138,3 +138,20 @@ def current_checkpoint(run: Path) -> Path:
     import json
 
     return run / json.loads((run / "gptforge.json").read_text())["checkpoint"]
+
+
+def save_lm_and_classifier(root: Path, cfg) -> dict[str, Path]:
+    """A random language model of `cfg` and a ham/spam classifier on the same weights, saved
+    as gptforge directories root/tiny-lm and root/tiny-clf (the serving tests use both)."""
+    from torch import nn
+
+    from gptforge import GPTModel
+    from gptforge.checkpoint import ClassifierSettings, RunMeta, save_model
+
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    save_model(model, root / "tiny-lm")
+    model.out_head = nn.Linear(cfg.emb_dim, 2)
+    save_model(model, root / "tiny-clf", RunMeta(model=cfg, task="classifier",
+                                                 classifier=ClassifierSettings(["ham", "spam"])))
+    return {"lm": root / "tiny-lm", "clf": root / "tiny-clf"}

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'gptforge[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'gptforge[serve]'")
 httpx = pytest.importorskip("httpx")
 
+from conftest import save_lm_and_classifier  # noqa: E402
 from gptforge import load  # noqa: E402
-from gptforge.checkpoint import ClassifierSettings, RunMeta, save_model  # noqa: E402
 from gptforge.config import GPTConfig  # noqa: E402
 from gptforge.finetune.templates import get_template, render_chat  # noqa: E402
 from gptforge.generate import stream_text  # noqa: E402
@@ -43,13 +42,7 @@ MAX_BODY = 50_000
 def dirs(tmp_path_factory):
     """A tiny language model and a tiny ham/spam classifier, saved as gptforge directories."""
     root = tmp_path_factory.mktemp("serve-models")
-    torch.manual_seed(0)
-    model = GPTModel(CFG)
-    save_model(model, root / "tiny-lm")
-    model.out_head = nn.Linear(CFG.emb_dim, 2)
-    save_model(model, root / "tiny-clf", RunMeta(model=CFG, task="classifier",
-                                                 classifier=ClassifierSettings(["ham", "spam"])))
-    return {"lm": root / "tiny-lm", "clf": root / "tiny-clf"}
+    return save_lm_and_classifier(root, CFG)
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'gptforge[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'gptforge[serve]'")
 httpx = pytest.importorskip("httpx")
 
-from gptforge.checkpoint import ClassifierSettings, RunMeta, save_model  # noqa: E402
+from conftest import save_lm_and_classifier  # noqa: E402
 from gptforge.config import GPTConfig  # noqa: E402
 from gptforge.finetune.classify import TextClassifier  # noqa: E402
 from gptforge.model import GPTModel  # noqa: E402
@@ -44,13 +43,7 @@ MANY = [f"message {i} about the prize" for i in range(2000)]  # 125 batches of 1
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits-models")
-    torch.manual_seed(0)
-    model = GPTModel(CFG)
-    save_model(model, root / "tiny-lm")
-    model.out_head = nn.Linear(CFG.emb_dim, 2)
-    save_model(model, root / "tiny-clf", RunMeta(model=CFG, task="classifier",
-                                                 classifier=ClassifierSettings(["ham", "spam"])))
-    return {"lm": root / "tiny-lm", "clf": root / "tiny-clf"}
+    return save_lm_and_classifier(root, CFG)
 
 
 class SlowModel(GPTModel):

@@ -33,7 +33,6 @@ from gptforge.finetune.lora import has_lora, lora_settings, lora_state_dict, wit
 from gptforge.model import GPTModel
 
 META_NAME = "gptforge.json"
-CONFIG_NAME = META_NAME  # the name gptforge 0.1 used
 WEIGHTS_NAME = "model.safetensors"
 ADAPTER_NAME = "adapter.safetensors"
 BASE_DIR = "base"  # a LoRA run's own copy of a base that cannot be loaded from elsewhere
