@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gptforge import GPTModel, generate, generate_stream, sample, stream_text
@@ -262,3 +263,20 @@ def test_decode_linear_split_products_equal_linear(rows):
     assert torch.allclose(split(x), expected, atol=1e-5)  # the standard layout's plain product
     assert DecodeLinear(nn.Linear(250, 768), parts=4).parts == 1  # 250 inputs do not split in 4
     assert DecodeLinear(nn.Linear(64, 96), parts=4).parts == 1  # too small to gain from it
+
+
+@pytest.mark.skipif(not DecodeLinear.pack_batches, reason="PyTorch built without oneDNN")
+def test_decode_linear_packed_batches_follow_weight_changes():
+    layer = nn.Linear(256, 768)
+    split = DecodeLinear(layer, parts=2).eval()
+    with torch.no_grad():
+        x = torch.randn(4, 1, 256)
+        assert torch.allclose(split(x), layer(x), atol=1e-5)  # 4 rows: the prepacked copy
+        assert split._packed is not None
+        split.weight.mul_(2)  # an in-place change (load_state_dict, a LoRA merge) repacks
+        assert torch.allclose(split(x), F.linear(x, split.weight, split.bias), atol=1e-5)
+    split.train()
+    assert split._packed is None  # training drops the copy
+    y = split(x.requires_grad_())
+    y.sum().backward()  # the training path is differentiable
+    assert split.weight.grad is not None

@@ -37,10 +37,20 @@ class DecodeLinear(nn.Linear):
     adds work) and a weight in the standard layout take the usual path. `train()`
     puts the weight back in the standard layout, in the same Parameter, so training
     runs at full speed and an optimizer that holds the parameter stays valid.
+
+    A batch of 2 to `max_rows` rows (several prompts decoding together) is slow
+    through either product: the matrix library's kernels for so few rows run at a
+    third of the bandwidth. For such batches a float32 weight large enough to split
+    is also kept prepacked for oneDNN (`torch.ops.mkldnn`), the blocked order its
+    small-batch kernel reads; that doubles the memory of those weights while a model
+    decodes in batches (about 1.9x the tokens/s of gpt2-small at 8 rows, see
+    docs/benchmarks.md). The copy is made on first use, made again if the weight
+    changes, and dropped by `train()` and `as_linear()`.
     """
 
     max_rows = 16
     min_split_size = 1 << 17  # weights of fewer elements (512 KB in float32) are not split
+    pack_batches = torch.backends.mkldnn.is_available()  # set False to keep one copy of each weight
 
     def __init__(self, layer: nn.Linear, parts: int) -> None:
         super().__init__(layer.in_features, layer.out_features, bias=layer.bias is not None,
@@ -49,6 +59,7 @@ class DecodeLinear(nn.Linear):
         self.training = layer.training  # set, not train(): that would pick the standard layout
         splittable = self.in_features % parts == 0 and self.weight.numel() >= self.min_split_size
         self.parts = parts if splittable else 1
+        self._packed: tuple[torch.Tensor, tuple[int, int]] | None = None  # (weight, its version)
         self.decode_layout()
 
     @property
@@ -72,11 +83,25 @@ class DecodeLinear(nn.Linear):
         """Set training mode; training (`mode=True`) also restores the standard layout."""
         if mode:
             self.standard_layout()
+            self._packed = None
         return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles leave the prepacked weight behind (it has no storage to copy).
+        return {**super().__getstate__(), "_packed": None}
+
+    def _packed_weight(self) -> torch.Tensor:
+        """The weight prepacked for oneDNN's small-batch product, made again if it changed."""
+        stamp = (self.weight.data_ptr(), self.weight._version)  # in-place updates bump the version
+        if self._packed is None or self._packed[1] != stamp:
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous(), self.max_rows)
+            self._packed = (packed, stamp)
+        return self._packed[0]
 
     def as_linear(self) -> nn.Linear:
         """A plain nn.Linear holding this layer's parameters, in the standard layout."""
         self.standard_layout()
+        self._packed = None
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         plain.weight, plain.bias = self.weight, self.bias
         plain.training = self.training
@@ -86,6 +111,10 @@ class DecodeLinear(nn.Linear):
         rows = x.numel() // self.in_features
         if self.parts == 1 or rows > self.max_rows or not self.in_decode_layout:
             return F.linear(x, self.weight, self.bias)
+        if rows > 1 and self.pack_batches and self.weight.dtype == torch.float32 and not x.requires_grad:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), self._packed_weight(), self.bias,
+                                                   "none", [], "")
+            return y.view(*x.shape[:-1], self.out_features)
         slices = self.weight.t().view(self.parts, -1, self.out_features)  # (P, in/P, out)
         pieces = x.reshape(rows, self.parts, -1).transpose(0, 1)  # (P, rows, in/P)
         y = torch.bmm(pieces, slices).sum(0)  # (rows, out)
