@@ -28,9 +28,12 @@ from torch import nn
 
 from gptforge.config import GPTConfig
 from gptforge.errors import CheckpointError, NotFoundError
+from gptforge.families import DecoderConfig
 from gptforge.fileio import atomic_write_json, file_sha256, write_safetensors
 from gptforge.finetune.lora import has_lora, lora_settings, lora_state_dict, without_lora
 from gptforge.model import GPTModel
+
+ModelConfig = GPTConfig | DecoderConfig  # GPT-2, or Llama 3 / Qwen3 / Gemma 3 (its `arch` says which)
 
 META_NAME = "gptforge.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -69,7 +72,7 @@ class RunMeta:
     classifier's classes). `template` is the prompt template of an instruction run.
     """
 
-    model: GPTConfig
+    model: ModelConfig
     task: str = "lm"
     num_outputs: int | None = None
     head_bias: bool = False
@@ -152,7 +155,9 @@ class RunMeta:
         return path
 
 
-def _config_from_dict(model: dict[str, Any]) -> GPTConfig:
+def _config_from_dict(model: dict[str, Any]) -> ModelConfig:
+    if model.get("arch", "gpt2") != "gpt2":
+        return DecoderConfig.from_dict(model)
     known = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
     ints = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
     for name in ints:
@@ -221,7 +226,7 @@ def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors for saving, with a tied output head stored once."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    if isinstance(model, GPTModel) and model.out_head.weight is model.emb.tok.weight:
+    if model.out_head.weight is model.emb.tok.weight:
         state.pop("out_head.weight")
     return state
 
@@ -285,16 +290,25 @@ def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu",
     return tensors
 
 
-def build_model(cfg: GPTConfig, state: dict[str, torch.Tensor], num_outputs: int | None = None,
+def model_class(cfg: ModelConfig) -> type[nn.Module]:
+    """GPTModel for a GPT-2 config, DecoderModel for the later families."""
+    if isinstance(cfg, DecoderConfig):
+        from gptforge.decoder import DecoderModel
+
+        return DecoderModel
+    return GPTModel
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], num_outputs: int | None = None,
                 head_bias: bool = False, where: str = "the checkpoint") -> GPTModel:
-    """Build a GPTModel around `state` without allocating a second, random copy of the weights.
+    """Build a GPTModel (or DecoderModel) around `state` without allocating a second, random copy of the weights.
 
     `num_outputs`/`head_bias` describe an output head other than the language-model
     head, such as a classifier's. The model is built on the meta device and takes
     the tensors as they are (their device and dtype).
     """
     with torch.device("meta"):
-        model = GPTModel(cfg)
+        model = model_class(cfg)(cfg)
         if num_outputs is not None:
             model.out_head = nn.Linear(cfg.emb_dim, num_outputs, bias=head_bias)
     tied = model.out_head.weight is model.emb.tok.weight
@@ -315,7 +329,10 @@ def build_model(cfg: GPTConfig, state: dict[str, torch.Tensor], num_outputs: int
     return model
 
 
-def _describe(cfg: GPTConfig) -> str:
+def _describe(cfg: ModelConfig) -> str:
+    if isinstance(cfg, DecoderConfig):
+        return (f"{cfg.arch}, vocab_size={cfg.vocab_size}, emb_dim={cfg.emb_dim}, n_layers={cfg.n_layers}, "
+                f"n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}")
     return (f"vocab_size={cfg.vocab_size}, context_length={cfg.context_length}, "
             f"emb_dim={cfg.emb_dim}, n_heads={cfg.n_heads}, n_layers={cfg.n_layers}")
 

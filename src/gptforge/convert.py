@@ -9,8 +9,10 @@ import torch
 
 from gptforge.checkpoint import save_model
 from gptforge.errors import BadInputError
+from gptforge.families import DecoderConfig
 from gptforge.loader import load, read_run
 from gptforge.pretrained.hf import save_hf
+from gptforge.pretrained.hf_decoder import save_hf_decoder
 
 FORMATS = ("gptforge", "hf")
 
@@ -21,7 +23,8 @@ def convert(source: str | os.PathLike, out_dir: str | os.PathLike, to: str = "gp
 
     `to="gptforge"` writes gptforge.json + model.safetensors, keeping the run's
     metadata (a LoRA run comes out merged, as a full model); `to="hf"` writes a
-    directory that `transformers.GPT2LMHeadModel.from_pretrained` loads. `dtype`
+    directory that transformers' `AutoModelForCausalLM.from_pretrained` loads (GPT-2,
+    Llama, Qwen3 or Gemma 3, as the model is). `dtype`
     converts the weights (e.g. torch.float16 halves the size). Returns `out_dir`.
     """
     if to not in FORMATS:
@@ -30,7 +33,9 @@ def convert(source: str | os.PathLike, out_dir: str | os.PathLike, to: str = "gp
     if to == "hf":
         if model.out_head.out_features != model.cfg.vocab_size:
             raise BadInputError(f"{source} is a classifier; only language models can be written "
-                                f"in Hugging Face's GPT-2 layout")
+                                f"in Hugging Face's layout")
+        if isinstance(model.cfg, DecoderConfig):
+            return save_hf_decoder(model, out_dir)
         return save_hf(model, out_dir)
     origin = str(Path(source).resolve()) if Path(source).exists() else str(source)
     return save_model(model, out_dir, read_run(source).replace(lora=None, source=origin))

@@ -7,6 +7,10 @@ Sources, and how each is read:
   file): read into GPT-2's flat naming (pretrained/), mapped onto our names;
 - a gptforge model or run directory (gptforge.json + model.safetensors), a
   classifier run among them;
+- Llama 3, Qwen3 (Qwen2) and Gemma 3 Hugging Face checkpoints, the same files with
+  their own config.json (`pretrained/hf_decoder.py`); a Hub repository id
+  ("Qwen/Qwen3-0.6B") or a family preset ("qwen3-0.6b") is downloaded first with
+  huggingface_hub. These load in bfloat16 unless another dtype is asked for;
 - a LoRA run (gptforge.json + adapter.safetensors): its base model is loaded
   through this same function, wrapped with adapters as in training, and the saved
   adapters (and a classifier's head) are put in.
@@ -36,6 +40,7 @@ from gptforge.checkpoint import (
 )
 from gptforge.config import PRESET_ALIASES, PRESETS, GPTConfig, canonical_preset
 from gptforge.errors import CheckpointError, NotFoundError
+from gptforge.families import DecoderConfig, hub_repo
 from gptforge.finetune.lora import apply_lora, lora_settings, merge_lora
 from gptforge.model import GPTModel
 from gptforge.pretrained.hf import (
@@ -46,6 +51,7 @@ from gptforge.pretrained.hf import (
     config_from_hf,
     read_hf_checkpoint,
 )
+from gptforge.pretrained.hf_decoder import MODEL_TYPES, config_from_hf_decoder, read_model_type, state_from_hf
 from gptforge.pretrained.names import flat_to_gptforge
 from gptforge.pretrained.openai import HPARAMS_NAME, config_from_hparams, read_openai_checkpoint
 
@@ -79,6 +85,8 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu",
     kind = detect_format(path)
     if kind == "gptforge":
         model = _load_gptforge(path, device, dtype, for_training, verify)
+    elif kind == "hf" and _is_decoder_family(path):
+        model = _load_hf_decoder(path, device, dtype or torch.bfloat16, verify)
     else:
         if kind == "openai":
             cfg, flat = read_openai_checkpoint(path, verify=verify)
@@ -94,7 +102,8 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def read_run(source: str | os.PathLike) -> RunMeta:
-    """The `RunMeta` of a source, read from its config files alone (nothing is downloaded).
+    """The `RunMeta` of a source, read from its config files alone (no weights are read;
+    a Hub model not in the cache is downloaded).
 
     For OpenAI and Hugging Face checkpoints and preset names it describes a plain
     language model with that config.
@@ -103,6 +112,10 @@ def read_run(source: str | os.PathLike) -> RunMeta:
     preset = canonical_preset(str(source))
     if preset is not None and not path.exists():
         return RunMeta(model=GPTConfig.from_name(preset, drop_rate=0.0), base_model=preset)
+    if preset is None and hub_repo(str(source)) and not path.exists():
+        return RunMeta(model=DecoderConfig.from_name(str(source)), base_model=str(source))
+    if not path.exists() and _is_hub_id(str(source)):
+        path = resolve(source)  # a Hub model: its config.json (from the cache, or fetched)
     kind = detect_format(path)
     folder = path if path.is_dir() else path.parent
     if kind == "gptforge":
@@ -110,6 +123,8 @@ def read_run(source: str | os.PathLike) -> RunMeta:
     try:
         if kind == "openai":
             cfg = config_from_hparams(json.loads((folder / HPARAMS_NAME).read_text()))
+        elif _is_decoder_family(folder):
+            cfg = config_from_hf_decoder(json.loads((folder / HF_CONFIG_NAME).read_text()))
         else:
             cfg = config_from_hf(json.loads((folder / HF_CONFIG_NAME).read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -123,6 +138,10 @@ def resolve(source: str | os.PathLike, download_format: str = "openai") -> Path:
     if path.exists() or path.with_name(path.name + ".index").is_file():
         return path
     preset = canonical_preset(str(source))
+    if preset is None and _is_hub_id(str(source)):
+        from gptforge.hub import download_model  # network code only when a download is asked for
+
+        return download_model(hub_repo(str(source)) or str(source))
     if preset is None:
         names = ", ".join(list(PRESETS) + list(PRESET_ALIASES))
         raise NotFoundError(f"cannot load {str(source)!r}: no such file or directory, and not a "
@@ -216,3 +235,52 @@ def _load_lora_run(path: Path, meta: RunMeta, device, dtype, for_training: bool,
             own[name].copy_(tensor)
             own[name].requires_grad_(True)
     return model if for_training else merge_lora(model)
+
+
+def _is_hub_id(name: str) -> bool:
+    from gptforge.hub import looks_like_repo
+
+    # "runs/x" where runs/ exists is a local path that is missing, not a Hub model.
+    return hub_repo(name) is not None or (looks_like_repo(name) and not Path(name).parent.exists())
+
+
+def _is_decoder_family(path: Path) -> bool:
+    folder = path if path.is_dir() else path.parent
+    return read_model_type(folder / HF_CONFIG_NAME) in MODEL_TYPES
+
+
+def _load_hf_decoder(path: Path, device, dtype: torch.dtype, verify: bool) -> nn.Module:
+    """A Llama / Qwen / Gemma checkpoint: tensors read one at a time from the memory-mapped
+    safetensors files, converted to `dtype` on `device`, and put into a model built on the
+    meta device (so loading needs the model's size in memory once)."""
+    from safetensors import safe_open
+
+    folder = path if path.is_dir() else path.parent
+    try:
+        cfg = config_from_hf_decoder(json.loads((folder / HF_CONFIG_NAME).read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{folder / HF_CONFIG_NAME} is not valid JSON ({err})") from None
+    if path.is_file():
+        files = [path]
+    elif (folder / WEIGHTS_NAME).is_file():
+        files = [folder / WEIGHTS_NAME]
+    else:
+        weight_map = json.loads((folder / WEIGHTS_INDEX_NAME).read_text())["weight_map"]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    where: dict[str, object] = {}
+    for file in files:
+        if not file.is_file():
+            raise NotFoundError(f"{file} is missing: the shard index lists it; download the model again")
+        handle = safe_open(str(file), framework="pt", device="cpu")
+        where.update({key: handle for key in handle.keys()})
+
+    class _Lazy(dict):  # looked up one tensor at a time, converted as it is read
+        def __getitem__(self, key: str) -> torch.Tensor:
+            tensor = where[key].get_tensor(key).to(device=device, dtype=dtype)
+            if verify and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{path}: tensor {key} holds NaN or infinite values")
+            return tensor
+
+    lazy = _Lazy.fromkeys(where)
+    state = state_from_hf(lazy, cfg, str(path))
+    return build_model(cfg, state, where=str(path))
