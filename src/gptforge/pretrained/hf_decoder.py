@@ -149,7 +149,8 @@ def hf_decoder_config(cfg: DecoderConfig, dtype: torch.dtype, special: dict[str,
     elif cfg.rope_scaling:
         s = cfg.rope_scaling
         rope.update(rope_type="llama3", factor=s["factor"], low_freq_factor=s["low_freq_factor"],
-                    high_freq_factor=s["high_freq_factor"], original_max_position_embeddings=s["original_context_length"])
+                    high_freq_factor=s["high_freq_factor"],
+                    original_max_position_embeddings=s["original_context_length"])
     config: dict[str, Any] = {
         "architectures": [architecture], "model_type": model_type, "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.emb_dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
