@@ -225,3 +225,30 @@ def hub_repo(name: str) -> str | None:
     """The Hugging Face repository of a family preset, or None if `name` is not one."""
     key = canonical_family_preset(name)
     return FAMILY_PRESETS[key][2] if key else None
+
+
+def small_config(arch: str, vocab_size: int = 50_257, context_length: int = 256, emb_dim: int = 768,
+                 n_layers: int = 12, n_heads: int = 12, n_kv_heads: int | None = None,
+                 drop_rate: float = 0.0) -> DecoderConfig:
+    """A config of family `arch` for pretraining from scratch, GPT-2-small-sized by default.
+
+    With GPT-2's tokenizer (50,257 ids) and the book's context of 256, it trains on the
+    same data as `gptforge pretrain` does for GPT-2. Keys and values get a quarter of
+    the query heads (grouped-query attention, as the released models) where that
+    divides; the feed-forward is 8/3 of the width (the gated MLP's usual size, which
+    keeps its parameters near GPT-2's 4x ungated one), rounded up to 64. Gemma's
+    sliding window is a quarter of the context.
+    """
+    if n_kv_heads is None:
+        n_kv_heads = n_heads // 4 if n_heads % 4 == 0 else n_heads
+    if emb_dim % n_heads:
+        raise BadInputError(f"--emb-dim ({emb_dim}) must be divisible by --n-heads ({n_heads})")
+    hidden = -(-emb_dim * 8 // 3 // 64) * 64
+    sizes: dict[str, Any] = dict(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim,
+                                 n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                 head_dim=emb_dim // n_heads, hidden_dim=hidden, drop_rate=drop_rate)
+    if arch == "llama3":
+        sizes["rope_scaling"] = None  # the scaling stretches a context trained at 8K; not needed here
+    if arch == "gemma3":
+        sizes.update(sliding_window=max(context_length // 4, 1), query_scale=float(emb_dim // n_heads))
+    return DecoderConfig.for_arch(arch, **sizes)

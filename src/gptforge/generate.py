@@ -11,7 +11,7 @@ order decoding reads fastest (`use_decode_layout`); training puts them back.
 from __future__ import annotations
 
 import codecs
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,16 @@ from gptforge.model import GPTModel, KVCache
 
 # A batch of prompts: a (B, T) or (T,) tensor of ids, or lists of ids of any lengths.
 Prompts = torch.Tensor | Sequence[Sequence[int]]
+# Where a row stops: one id (GPT-2's <|endoftext|>) or several (a chat model's end-of-turn
+# tokens, such as Llama 3's <|eot_id|> and <|end_of_text|>).
+StopIds = int | Collection[int] | None
+
+
+def stop_set(eos_id: StopIds) -> list[int]:
+    """The stop ids as a list (empty for None)."""
+    if eos_id is None:
+        return []
+    return [int(eos_id)] if isinstance(eos_id, int) else sorted({int(i) for i in eos_id})
 
 
 class DecodeLinear(nn.Linear):
@@ -303,7 +313,7 @@ def generate_stream(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: StopIds = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
@@ -312,7 +322,7 @@ def generate_stream(
     `prompts` is a (B, T) or (T,) tensor of ids, or B lists of ids of any lengths;
     each row gets the tokens it would get alone (greedy decoding gives exactly
     those). Stops after `max_new_tokens`, or once every row has produced `eos_id`
-    (rows that finished earlier then repeat `eos_id`). Past the context length a
+    (one id or several; rows that finished earlier then repeat the id they stopped at). Past the context length a
     row sees its last `context_length` tokens, so cache or not, the tokens are the
     same. The model is put in eval mode and, on the CPU, in the decode layout.
     """
@@ -331,24 +341,27 @@ def generate_stream(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # Room for every position a step can write: the newest token sits at length - 1.
     cache = model.new_cache(B, max(lengths) + max_new_tokens - 1) if use_cache else None
+    stops = torch.tensor(stop_set(eos_id), dtype=torch.long, device=device)
+    last = torch.zeros(B, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         if step == 0 and cache is not None:
             logits = prefill(model, cache, ids, lengths)  # (B, V)
         else:
             logits = decode_one(model, cache, tokens, lengths)
         next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-        if eos_id is not None:
-            next_ids = torch.where(done, torch.full_like(next_ids, eos_id), next_ids)
-            done |= next_ids == eos_id
+        if len(stops):
+            next_ids = torch.where(done, last, next_ids)
+            done |= torch.isin(next_ids, stops)
+            last = next_ids
         tokens[rows, torch.tensor(lengths, device=device)] = next_ids
         lengths = [n + 1 for n in lengths]
         yield next_ids
-        if eos_id is not None and bool(done.all()):
+        if len(stops) and bool(done.all()):
             break
 
 
 def generate(model: GPTModel, prompts: Prompts, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             top_k: int | None = None, top_p: float | None = None, eos_id: StopIds = None,
              use_cache: bool = True, generator: torch.Generator | None = None,
              ) -> torch.Tensor | list[list[int]]:
     """Return the prompts followed by up to `max_new_tokens` new ids each.
@@ -368,10 +381,12 @@ def generate(model: GPTModel, prompts: Prompts, max_new_tokens: int, temperature
                         [s[:, None] for s in steps], dim=1)
         return out[0] if squeeze else out
     new = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]  # (B, steps)
+    stops = set(stop_set(eos_id))
     out = []
     for prompt, ids in zip(prompts, new):
-        if eos_id is not None and eos_id in ids:
-            ids = ids[:ids.index(eos_id) + 1]
+        end = next((i for i, t in enumerate(ids) if t in stops), None)
+        if end is not None:
+            ids = ids[:end + 1]
         out.append([int(t) for t in prompt] + ids)
     return out
 

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from torch import nn
 
-from gptforge.checkpoint import RunMeta
-from gptforge.config import GPTConfig, book_config, canonical_preset
+from gptforge.checkpoint import ModelConfig, RunMeta
+from gptforge.config import book_config, canonical_preset
 from gptforge.data import GPTDataset, TokenFileDataset, check_language_model, check_vocabulary, read_texts
 from gptforge.errors import BadInputError
+from gptforge.families import DecoderConfig, small_config
 from gptforge.loader import load
 from gptforge.model import GPTModel, set_dropout
 from gptforge.training import Callback, TrainConfig, Trainer, TrainResult, lm_loss
@@ -51,25 +53,38 @@ class PretrainData:
 
 
 def new_model_config(model: str, context_length: int | None = None, drop_rate: float | None = None,
-                     **shape: int) -> GPTConfig | None:
+                     arch: str | None = None, **shape: int) -> ModelConfig | None:
     """The config `build_or_load_model` gives a fresh model of preset `model` (the book's
-    settings, changed by `shape`), or None when `model` names a checkpoint to load."""
+    settings, changed by `shape`), or None when `model` names a checkpoint to load.
+    `arch` ("llama3", "qwen3", "gemma3") builds that family instead, GPT-2-small-sized
+    with GPT-2's tokenizer unless `shape` says otherwise (families.small_config)."""
+    if arch is not None and arch != "gpt2":
+        return small_config(arch, context_length=context_length or 256,
+                            drop_rate=0.0 if drop_rate is None else drop_rate, **shape)
     if canonical_preset(model) is None or Path(model).exists():
         return None
     overrides = dict(shape) if drop_rate is None else {**shape, "drop_rate": drop_rate}
     return book_config(model, context_length or 256, **overrides)
 
 
+def fresh_model(cfg: ModelConfig) -> nn.Module:
+    """A new, randomly initialised model of `cfg`. GPT-2 gets PyTorch's default init, as the
+    book's model: with GPT-2's smaller init the short Verdict run learns markedly slower."""
+    if isinstance(cfg, DecoderConfig):
+        from gptforge.decoder import DecoderModel
+
+        return DecoderModel(cfg)
+    return GPTModel(cfg, init="torch")
+
+
 def build_or_load_model(model: str, context_length: int | None = None,
-                        drop_rate: float | None = None, **shape: int) -> GPTModel:
+                        drop_rate: float | None = None, arch: str | None = None, **shape: int) -> nn.Module:
     """A preset name gives a fresh model with the book's settings (`shape` may change
     n_layers, emb_dim, n_heads); any other source (a run directory, a checkpoint) is
     loaded to continue training from."""
-    cfg = new_model_config(model, context_length, drop_rate, **shape)
+    cfg = new_model_config(model, context_length, drop_rate, arch, **shape)
     if cfg is not None:
-        # PyTorch's default init, as the book's model: with GPT-2's smaller init the
-        # short Verdict run learns markedly slower.
-        return GPTModel(cfg, init="torch")
+        return fresh_model(cfg)
     if shape:
         raise BadInputError("--n-layers/--emb-dim/--n-heads shape a new model; they cannot change "
                             f"the loaded model {model}")
@@ -87,7 +102,7 @@ def initial_model(meta: RunMeta) -> GPTModel:
     as the run did): a fresh model of its config, or its base checkpoint loaded again."""
     base = meta.base_model or ""
     if base.startswith("init:"):
-        return GPTModel(meta.model, init="torch")
+        return fresh_model(meta.model)
     model = load(base, for_training=True)
     set_dropout(model, meta.model.drop_rate)
     return model

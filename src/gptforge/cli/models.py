@@ -9,13 +9,17 @@ from gptforge.cli.common import check_output_dir
 
 def add_commands(sub) -> None:
     p = sub.add_parser("info", help="parameter counts and memory of a preset or checkpoint")
-    p.add_argument("model", help="preset name or model directory")
+    p.add_argument("model", help="preset name (gpt2-small, qwen3-0.6b, llama-3.2-1b, gemma-3-270m, ...), "
+                                 "Hugging Face model id or model directory")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("download", help="download OpenAI's GPT-2 weights or a data set")
-    p.add_argument("name", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl (or 124M...), or a "
-                                "data set: the-verdict, sms-spam-collection, instruction-data, ...")
-    p.add_argument("--format", choices=["openai", "hf"], default="openai")
+    p = sub.add_parser("download", help="download model weights (GPT-2, Hugging Face Hub) or a data set")
+    p.add_argument("name", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl (or 124M...), a Hugging Face "
+                                "model (Qwen/Qwen3-0.6B, meta-llama/Llama-3.2-1B, google/gemma-3-270m, or "
+                                "a preset such as qwen3-0.6b), or a data set: the-verdict, "
+                                "sms-spam-collection, instruction-data, ...")
+    p.add_argument("--format", choices=["openai", "hf"], default="openai", help="GPT-2's file format")
+    p.add_argument("--revision", default=None, help="a Hub model's branch, tag or commit")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("convert", help="write a model in gptforge or Hugging Face format")
@@ -42,14 +46,19 @@ def cmd_download(args: argparse.Namespace) -> int:
     from gptforge.config import canonical_preset
     from gptforge.download import RESOURCES, download, download_gpt2
     from gptforge.errors import BadInputError
+    from gptforge.families import hub_repo
+    from gptforge.hub import download_model, looks_like_repo
 
     if canonical_preset(args.name):
         print(download_gpt2(args.name, fmt=args.format))
     elif args.name in RESOURCES:
         print(download(args.name))
+    elif hub_repo(args.name) or looks_like_repo(args.name):
+        print(download_model(hub_repo(args.name) or args.name, revision=args.revision))
     else:
         raise BadInputError(f"unknown download {args.name!r}; choose a GPT-2 size (gpt2-small ... "
-                            f"gpt2-xl, 124M ... 1558M) or one of: {', '.join(RESOURCES)}")
+                            f"gpt2-xl, 124M ... 1558M), a Hugging Face model id (owner/name) or one "
+                            f"of: {', '.join(RESOURCES)}")
     return 0
 
 

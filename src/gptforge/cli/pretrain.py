@@ -34,11 +34,14 @@ def add_commands(sub) -> None:
     p.add_argument("--model", default=None,
                    help="preset to train from scratch (default gpt2-small), or a checkpoint to "
                         "continue from")
+    p.add_argument("--arch", choices=["gpt2", "llama3", "qwen3", "gemma3"], default=None,
+                   help="train a new model of this family (GPT-2-small-sized unless --n-layers, "
+                        "--emb-dim, --n-heads say otherwise; GPT-2's tokenizer)")
     p.add_argument("--context-length", type=positive_int, default=None,
                    help="context length of a new model (default 256)")
     p.add_argument("--dropout", type=dropout_rate, default=None,
                    help="dropout rate in [0, 1) (preset default 0.1)")
-    for flag in ("--n-layers", "--emb-dim", "--n-heads"):
+    for flag in ("--n-layers", "--emb-dim", "--n-heads", "--n-kv-heads"):
         p.add_argument(flag, type=positive_int, default=None,
                        help="change the preset's shape (a smaller model trains faster)")
     p.add_argument("--text", nargs="+", default=None,
@@ -56,7 +59,8 @@ def add_commands(sub) -> None:
 
 
 # Flags that describe a new run: refused with --resume, which keeps the run's own.
-NEW_RUN_FLAGS = {"model": "--model", "context_length": "--context-length", "dropout": "--dropout",
+NEW_RUN_FLAGS = {"model": "--model", "arch": "--arch", "n_kv_heads": "--n-kv-heads",
+                 "context_length": "--context-length", "dropout": "--dropout",
                  "n_layers": "--n-layers", "emb_dim": "--emb-dim", "n_heads": "--n-heads",
                  "text": "--text", "data": "--data", "train_ratio": "--train-ratio",
                  "stride": "--stride", "out": "--out"}
@@ -90,7 +94,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             torch.manual_seed(cfg.seed)
             model, resume = initial_model(meta), False
     else:
-        source = args.model or "gpt2-small"
+        if args.arch not in (None, "gpt2") and args.model:
+            raise BadInputError(f"--arch {args.arch} builds a new model; --model {args.model} names another "
+                                f"one: give one of the two")
+        if args.n_kv_heads is not None and args.arch in (None, "gpt2"):
+            raise BadInputError("--n-kv-heads is for --arch llama3, qwen3 or gemma3 (GPT-2 has one "
+                                "key/value head per query head)")
+        arch = None if args.arch in (None, "gpt2") else args.arch
+        source = args.model or arch or "gpt2-small"
         # Absolute paths, so `--resume` finds the data from any working directory.
         data = PretrainData(text=[str(Path(t).absolute()) for t in args.text] if args.text else None,
                             data=str(Path(args.data).absolute()) if args.data else None,
@@ -101,15 +112,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default_run_dir(f"{Path(source).name}-{name}")
         check_new_run_dir(out)
         torch.manual_seed(cfg.seed)
-        shape = {k: getattr(args, k) for k in ("n_layers", "emb_dim", "n_heads")
+        shape = {k: getattr(args, k) for k in ("n_layers", "emb_dim", "n_heads", "n_kv_heads")
                  if getattr(args, k) is not None}
-        new_cfg = new_model_config(source, args.context_length, args.dropout, **shape)
+        new_cfg = new_model_config(source, args.context_length, args.dropout, arch, **shape)
         if new_cfg is not None:
             check_model_memory(new_cfg, cfg.device)
         with allocation_guard(new_cfg) if new_cfg is not None else nullcontext():
-            model = build_or_load_model(source, args.context_length, args.dropout, **shape)
+            model = build_or_load_model(source, args.context_length, args.dropout, arch, **shape)
         fresh = new_cfg is not None
-        base = f"init:{canonical_preset(source)}" if fresh else str(Path(source).absolute())
+        base = f"init:{arch or canonical_preset(source)}" if fresh else str(Path(source).absolute())
     tokenizer = get_tokenizer()
     n_prompt = len(text_to_ids(args.sample_prompt, tokenizer))
     if n_prompt > model.cfg.context_length:
