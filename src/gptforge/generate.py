@@ -392,21 +392,25 @@ def generate(model: GPTModel, prompts: Prompts, max_new_tokens: int, temperature
 
 
 def stream_text(model: GPTModel, prompt: str, max_new_tokens: int = 50, tokenizer=None,
-                stop_at_eos: bool = True, **sampling) -> Iterator[str]:
+                stop_at_eos: bool = True, stop_ids: StopIds = None, **sampling) -> Iterator[str]:
     """Generate from a text prompt and yield the continuation as text pieces.
 
     Bytes of a character split across tokens are held back until complete, so every
-    piece is valid text. `sampling` takes generate_stream's keyword arguments.
+    piece is valid text. Generation stops at `stop_ids` (default: the tokenizer's
+    end tokens, GPT-2's <|endoftext|> or a chat model's end-of-turn ids) unless
+    `stop_at_eos` is False. `sampling` takes generate_stream's keyword arguments.
     """
     from gptforge.tokenizer import EOT_ID, get_tokenizer, text_to_ids
 
     tokenizer = tokenizer or get_tokenizer()
     ids = torch.tensor([text_to_ids(prompt, tokenizer)], dtype=torch.long)
+    if stop_ids is None:
+        stop_ids = getattr(tokenizer, "eos_ids", None) or EOT_ID
+    stops = set(stop_set(stop_ids)) if stop_at_eos else set()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for next_ids in generate_stream(model, ids, max_new_tokens, eos_id=EOT_ID if stop_at_eos else None,
-                                    **sampling):
+    for next_ids in generate_stream(model, ids, max_new_tokens, eos_id=stops or None, **sampling):
         token = int(next_ids[0])
-        if stop_at_eos and token == EOT_ID:
+        if token in stops:
             break
         piece = decoder.decode(tokenizer.decode_single_token_bytes(token))
         if piece:

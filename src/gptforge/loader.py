@@ -284,3 +284,48 @@ def _load_hf_decoder(path: Path, device, dtype: torch.dtype, verify: bool) -> nn
     lazy = _Lazy.fromkeys(where)
     state = state_from_hf(lazy, cfg, str(path))
     return build_model(cfg, state, where=str(path))
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def tokenizer_dir(source: str | os.PathLike) -> Path | None:
+    """The folder holding the tokenizer (tokenizer.json) of a source's model, or None for
+    GPT-2's BPE, which gptforge builds itself. A run looks in its own folder and its
+    current checkpoint, then follows its base model or the source it was made from."""
+    seen: set[str] = set()
+    todo = [source]
+    while todo:
+        item = todo.pop(0)
+        if item is None or str(item) in seen or str(item).startswith("init:"):
+            continue
+        seen.add(str(item))
+        path = Path(item)
+        if not path.exists():
+            if canonical_preset(str(item)) is not None or not _is_hub_id(str(item)):
+                continue
+            path = resolve(item)
+        folder = path if path.is_dir() else path.parent
+        if (folder / TOKENIZER_FILE).is_file():
+            return folder
+        if is_gptforge_dir(folder):
+            meta = RunMeta.read(folder)
+            if meta.checkpoint:
+                todo.append(folder / meta.checkpoint)
+            for ref in (meta.base_model, meta.source):
+                if ref:  # a relative path is the run's own copy of its base, next to the run
+                    todo.append(folder / ref if (folder / ref).exists() else ref)
+    return None
+
+
+def tokenizer_for(source: str | os.PathLike):
+    """The tokenizer of a source's model: its own (tokenizer.json, through the `tokenizers`
+    library) for Llama / Qwen / Gemma models, or GPT-2's BPE (tiktoken) otherwise."""
+    folder = tokenizer_dir(source)
+    if folder is None:
+        from gptforge.tokenizer import get_tokenizer
+
+        return get_tokenizer()
+    from gptforge.hf_tokenizer import load_tokenizer
+
+    return load_tokenizer(folder)

@@ -136,6 +136,10 @@ def get_tokenizer(directory: str | None = None) -> tiktoken.Encoding:
     )
 
 
-def text_to_ids(text: str, tokenizer: tiktoken.Encoding | None = None) -> list[int]:
-    """Encode text, letting `<|endoftext|>` through as the special token (id 50256)."""
-    return (tokenizer or get_tokenizer()).encode(text, allowed_special={ENDOFTEXT})
+def text_to_ids(text: str, tokenizer=None) -> list[int]:
+    """Encode text, letting special tokens through: GPT-2's `<|endoftext|>` (id 50256), or
+    the special tokens of another model's tokenizer (see hf_tokenizer.HFTokenizer.encode)."""
+    tokenizer = tokenizer or get_tokenizer()
+    if isinstance(tokenizer, tiktoken.Encoding):
+        return tokenizer.encode(text, allowed_special={ENDOFTEXT})
+    return tokenizer.encode(text, allowed_special="all")

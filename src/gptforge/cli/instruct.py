@@ -33,7 +33,7 @@ from gptforge.errors import BadInputError, NotFoundError
 
 # The book's chapter-7 settings.
 TRAIN_DEFAULTS = dict(lr=5e-5, weight_decay=0.1, epochs=2, batch_size=8, eval_every=5, eval_batches=5)
-TEMPLATE_NAMES = ("alpaca", "phi3")
+TEMPLATE_NAMES = ("alpaca", "phi3", "chat")  # chat: the model's own chat template
 
 
 def add_commands(sub) -> None:
@@ -45,21 +45,20 @@ def add_commands(sub) -> None:
 
 
 def _load_model(source: str, device: str = "cpu"):
-    """(model, run metadata) for a run directory (full or LoRA), a checkpoint or a preset;
-    a classifier is refused, as it has no next-token predictions to answer or score with."""
+    """(model, run metadata, tokenizer) for a run directory (full or LoRA), a checkpoint or a
+    preset; a classifier is refused, as it has no next-token predictions to answer or score with."""
     from gptforge.data import check_language_model
-    from gptforge.loader import load, read_run
+    from gptforge.loader import load, read_run, tokenizer_for
 
     model = load(source, device=device)
     check_language_model(model, str(source))
-    return model, read_run(source)
+    return model, read_run(source), tokenizer_for(source)
 
 
-def _template(name: str | None, meta):
+def _template(name: str | None, meta, tokenizer):
     from gptforge.finetune.instruct import template_of
-    from gptforge.finetune.templates import get_template
 
-    return get_template(name) if name else template_of(meta)
+    return template_of(meta, name, tokenizer) if not name else template_of(None, name, tokenizer)
 
 
 # ------------------------------------------------------------------------------------
@@ -120,7 +119,7 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
             raise BadInputError("--lora-alpha needs --lora-rank")
         cfg = train_config(args)
         source = args.model or "gpt2-medium"
-        options = InstructOptions(data=args.data, template=args.template or "alpaca",
+        options = InstructOptions(data=args.data, template=args.template,
                                   mask_prompt=bool(args.mask_prompt),
                                   max_length=args.max_length or 1024, lora_rank=args.lora_rank,
                                   lora_alpha=args.lora_alpha, max_test=args.max_test,
@@ -183,15 +182,14 @@ CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops
 def cmd_chat(args: argparse.Namespace) -> int:
     import importlib
 
-    from gptforge.finetune.instruct import chat_prompt
-    from gptforge.tokenizer import get_tokenizer
+    from gptforge.finetune.instruct import chat_prompt, end_ids
 
     # The module, looked up at run time (`gptforge.generate` the attribute is a function).
     gen = importlib.import_module("gptforge.generate")
     sampling = sampling_from_args(args)
-    model, meta = _load_model(args.model, args.device)
-    template = _template(args.template, meta)
-    tokenizer = get_tokenizer()
+    model, meta, tokenizer = _load_model(args.model, args.device)
+    template = _template(args.template, meta, tokenizer)
+    stops = end_ids(tokenizer, template)
     ctx = model.cfg.context_length
     budget = max(ctx - args.max_new_tokens, ctx // 2)  # prompt tokens, leaving room to answer
     history: list[dict] = []
@@ -227,7 +225,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         pieces: list[str] = []
         try:
-            for piece in gen.stream_text(model, prompt, args.max_new_tokens, tokenizer, **sampling):
+            for piece in gen.stream_text(model, prompt, args.max_new_tokens, tokenizer, stop_ids=stops,
+                                         **sampling):
                 if not pieces:
                     piece = piece.lstrip()  # the answer starts at its first visible character
                     if not piece:
@@ -262,10 +261,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if not args.instruction.strip():
         raise BadInputError("the instruction is empty; say what the model should do")
     sampling = sampling_from_args(args)
-    model, meta = _load_model(args.model, args.device)
-    template = _template(args.template, meta)
+    model, meta, tokenizer = _load_model(args.model, args.device)
+    template = _template(args.template, meta, tokenizer)
     entry = {"instruction": args.instruction, "input": args.input}
-    print(answer(model, entry, template, args.max_new_tokens, **sampling))
+    print(answer(model, entry, template, args.max_new_tokens, tokenizer, **sampling))
     return 0
 
 
@@ -338,8 +337,8 @@ def cmd_evaluate_responses(args: argparse.Namespace) -> int:
         check_output_file(args.out, "--out")
     model, template = None, "alpaca"
     if args.model:
-        model, meta = _load_model(args.model, args.device)
-        template = _template(args.template, meta)
+        model, meta, tokenizer = _load_model(args.model, args.device)
+        template = _template(args.template, meta, tokenizer)
     judge = None
     if args.judge_url or args.judge_model:
         if not (args.judge_url and args.judge_model):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -35,8 +35,8 @@ from gptforge.data import check_language_model, check_vocabulary, read_text_file
 from gptforge.errors import BadInputError, NotFoundError
 from gptforge.fileio import atomic_write_bytes
 from gptforge.finetune.lora import apply_lora, has_lora
-from gptforge.finetune.templates import PromptTemplate, get_template
-from gptforge.loader import load, read_run
+from gptforge.finetune.templates import ChatTemplate, PromptTemplate, default_template, get_template
+from gptforge.loader import load, read_run, tokenizer_for
 from gptforge.tokenizer import EOT_ID, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -243,9 +243,10 @@ def collate_instructions(
     return inputs, targets
 
 
-def instruction_collate(max_length: int | None = None, mask_prompt: bool = False) -> Callable:
+def instruction_collate(max_length: int | None = None, mask_prompt: bool = False,
+                        pad_id: int = EOT_ID) -> Callable:
     """`collate_instructions` with its settings bound (a picklable partial, for DataLoaders)."""
-    return partial(collate_instructions, max_length=max_length, mask_prompt=mask_prompt)
+    return partial(collate_instructions, pad_id=pad_id, max_length=max_length, mask_prompt=mask_prompt)
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int,
@@ -268,9 +269,26 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int,
 # ------------------------------------------------------------------------------------
 # models
 
-def template_of(meta: RunMeta | None, default: str = "alpaca") -> PromptTemplate:
-    """The prompt template a run was trained with (from its metadata), else `default`."""
-    return get_template((meta.template if meta is not None else None) or default)
+def template_of(meta: RunMeta | None, default: str | None = None,
+                tokenizer=None) -> PromptTemplate | ChatTemplate:
+    """The prompt template a run was trained with (from its metadata), else `default`, else
+    the model's own chat template if its tokenizer has one, else alpaca."""
+    name = (meta.template if meta is not None else None) or default or default_template(tokenizer)
+    return get_template(name, tokenizer)
+
+
+def end_ids(tokenizer, template: PromptTemplate | ChatTemplate) -> list[int]:
+    """The ids at which an answer ends, the first being the one training appends: GPT-2's
+    end-of-text, or for a model's chat template its end-of-turn marker and its eos ids."""
+    ids: list[int] = []
+    if isinstance(template, ChatTemplate) and template.end_marker:
+        marker = tokenizer.encode(template.end_marker, allowed_special="all")
+        bos = getattr(tokenizer, "bos_id", None)
+        marker = [t for t in marker if t != bos] if len(marker) > 1 else marker
+        if len(marker) == 1:
+            ids.append(marker[0])
+    ids += [i for i in sorted(getattr(tokenizer, "eos_ids", None) or ()) if i not in ids]
+    return ids or [EOT_ID]
 
 
 @torch.no_grad()
@@ -323,9 +341,10 @@ def generate_responses(
     """
     from gptforge.generate import generate_stream
 
-    template = get_template(template) if isinstance(template, str) else template
     tokenizer = tokenizer or get_tokenizer()
+    template = get_template(template, tokenizer) if isinstance(template, str) else template
     ctx = model.cfg.context_length
+    stops = end_ids(tokenizer, template)
     prompts = [tokenizer.encode_ordinary(template.prompt(e)) for e in entries]
     for i, ids in enumerate(prompts):
         if len(ids) > ctx:
@@ -334,12 +353,13 @@ def generate_responses(
     answers: list[str] = [""] * len(prompts)
     for idx in length_sorted_batches([len(p) for p in prompts], batch_size):
         batch = [prompts[i] for i in idx]
-        steps = list(generate_stream(model, batch, max_new_tokens, eos_id=EOT_ID, **sampling))
+        steps = list(generate_stream(model, batch, max_new_tokens, eos_id=stops, **sampling))
         new = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in idx]  # (B, steps)
         for row, i in enumerate(idx):
             ids = new[row]
-            if EOT_ID in ids:
-                ids = ids[:ids.index(EOT_ID)]
+            end = next((k for k, t in enumerate(ids) if t in stops), None)
+            if end is not None:
+                ids = ids[:end]
             answers[i] = tokenizer.decode(ids).strip()
         if on_progress:
             on_progress(len(idx))
@@ -347,9 +367,10 @@ def generate_responses(
 
 
 def answer(model: nn.Module, entry: Mapping[str, str], template: PromptTemplate | str = "alpaca",
-           max_new_tokens: int = 256, **sampling: Any) -> str:
+           max_new_tokens: int = 256, tokenizer=None, **sampling: Any) -> str:
     """One answer to one instruction entry ({"instruction": ..., "input": ...})."""
-    return generate_responses(model, [entry], template, max_new_tokens, 1, **sampling)[0][RESPONSE_KEY]
+    return generate_responses(model, [entry], template, max_new_tokens, 1, tokenizer,
+                              **sampling)[0][RESPONSE_KEY]
 
 
 def chat_prompt(history: Sequence[Mapping[str, str]], message: str,
@@ -362,8 +383,8 @@ def chat_prompt(history: Sequence[Mapping[str, str]], message: str,
     """
     from gptforge.finetune.templates import render_chat
 
-    template = get_template(template) if isinstance(template, str) else template
     tokenizer = tokenizer or get_tokenizer()
+    template = get_template(template, tokenizer) if isinstance(template, str) else template
     history = list(history)
     while True:
         prompt = render_chat(history + [{"role": "user", "content": message}], template)
@@ -391,7 +412,7 @@ class InstructOptions:
     """What instruction fine-tuning trains on and how (the optimizer lives in TrainConfig)."""
 
     data: str | None = None  # JSON / JSONL file; None = the book's instruction-data.json
-    template: str = "alpaca"
+    template: str | None = None  # None: the model's own chat template if it has one, else alpaca
     mask_prompt: bool = False
     max_length: int | None = 1024  # capped at the model's context length
     lora_rank: int | None = None  # None = full fine-tuning
@@ -434,10 +455,14 @@ def finetune_instruct(
     """
     from gptforge.training import Trainer, lm_loss
 
-    check_vocabulary(model.cfg)
     check_language_model(model, f"the model ({base_model})")
+    tokenizer = tokenizer_for(base_model)
+    if tokenizer.n_vocab == EOT_ID + 1:  # GPT-2's BPE
+        check_vocabulary(model.cfg)
+    options = replace(options, template=options.template or default_template(tokenizer))
     out = Path(out_dir)
-    template = get_template(options.template)
+    template = get_template(options.template, tokenizer)
+    ends = end_ids(tokenizer, template)
     if resume:
         splits = read_splits(out)
     else:
@@ -459,11 +484,13 @@ def finetune_instruct(
         base_model = str(Path(base_model).resolve())
     meta = RunMeta(model=model.cfg, task="instruct", template=options.template, instruct=settings,
                    base_model=base_model)
-    tokenizer = get_tokenizer()
+    # With the model's own chat template only the answers are learned (its prompts hold
+    # role headers and special tokens that the model should not be trained to write).
+    mask_prompt = options.mask_prompt or isinstance(template, ChatTemplate)
     trainer = Trainer(
         model, InstructionDataset(splits.train, template, tokenizer),
         InstructionDataset(splits.val, template, tokenizer) if splits.val else None,
-        lm_loss, cfg, out, meta, collate_fn=instruction_collate(max_length, options.mask_prompt),
+        lm_loss, cfg, out, meta, collate_fn=instruction_collate(max_length, mask_prompt, ends[0]),
         progress=progress,
     )
     for event, fn in (callbacks or {}).items():

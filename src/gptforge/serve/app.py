@@ -43,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from torch import nn
 
 from gptforge.checkpoint import RunMeta
 from gptforge.errors import BadInputError
@@ -308,12 +309,12 @@ class ServedModels:
 
     def __init__(self, model: GPTModel, model_id: str, meta: RunMeta | None, engine: Engine,
                  tokenizer, classifier=None, classifier_id: str | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, template=None) -> None:
         from gptforge.finetune.instruct import template_of
 
         self.model, self.model_id, self.meta, self.engine = model, model_id, meta, engine
         self.tokenizer = tokenizer
-        self.template = template_of(meta)
+        self.template = template or template_of(meta, tokenizer=tokenizer)
         self.classifier, self.classifier_id = classifier, classifier_id  # a TextClassifier
         self.timeout = timeout
         self.created = int(time.time())
@@ -346,7 +347,7 @@ def _source_id(source: str | os.PathLike) -> str:
 def _load_language_model(source: str | os.PathLike | GPTModel,
                          device: str) -> tuple[GPTModel, RunMeta | None]:
     """The model to serve and its run metadata (None for a model passed in directly)."""
-    if isinstance(source, GPTModel):
+    if isinstance(source, nn.Module):
         return source.to(device).eval(), None
     from gptforge.loader import load, read_run
 
@@ -412,7 +413,8 @@ def _completion_prompt(body: CompletionRequest, served: ServedModels) -> list[in
         vocab = served.model.cfg.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise APIError(400, f"Token ids must be in [0, {vocab}).", param="prompt")
-    return ids or [EOT_ID]  # an empty prompt starts from <|endoftext|>, as GPT-2 was trained
+    # An empty prompt starts from the start token: <|endoftext|> for GPT-2, as it was trained.
+    return ids or [getattr(served.tokenizer, "bos_id", None) or EOT_ID]
 
 
 def _chat_prompt(body: ChatRequest, served: ServedModels) -> list[int]:
@@ -622,7 +624,9 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
     whose pages may call the API. Settings are checked before any model loads.
     The engine's worker starts and stops with the app (its lifespan).
     """
-    from gptforge.tokenizer import EOT_ID, get_tokenizer
+    from gptforge.finetune.instruct import end_ids, template_of
+    from gptforge.loader import tokenizer_for
+    from gptforge.tokenizer import get_tokenizer
 
     if timeout is not None:
         _positive("timeout", timeout)
@@ -640,13 +644,14 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
         from gptforge.finetune.classify import TextClassifier
 
         classifier = TextClassifier.load(classifier_dir, device)  # labels, pooling, max_length
-    lm_id = model_id or ("gptforge" if isinstance(model_dir, GPTModel) else _source_id(model_dir))
+    lm_id = model_id or ("gptforge" if isinstance(model_dir, nn.Module) else _source_id(model_dir))
     if classifier_dir is not None:
         classifier_id = _source_id(classifier_dir)
         classifier_id = classifier_id + "-classifier" if classifier_id == lm_id else classifier_id
-    tokenizer = get_tokenizer()
-    engine = Engine(model, tokenizer, eos_id=EOT_ID, max_active=max_active)
-    served = ServedModels(model, lm_id, meta, engine, tokenizer, classifier, classifier_id, timeout)
+    tokenizer = get_tokenizer() if isinstance(model_dir, nn.Module) else tokenizer_for(model_dir)
+    template = template_of(meta, tokenizer=tokenizer)
+    engine = Engine(model, tokenizer, eos_id=end_ids(tokenizer, template), max_active=max_active)
+    served = ServedModels(model, lm_id, meta, engine, tokenizer, classifier, classifier_id, timeout, template)
     page = PAGE.read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -727,7 +732,7 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         # Without max_tokens a chat answer may fill the rest of the context (the engine stops there).
         params = _sampling(body, max_tokens, served.context_length,
-                           CHAT_STOPS.get(served.template.name, ()))
+                           CHAT_STOPS.get(served.template.name, ()))  # a chat template stops at end-of-turn ids
         prompt = await asyncio.to_thread(_chat_prompt, body, served)
         _check_length(prompt, served.context_length, "messages")
         return await _respond(request, served, prompt, params, bool(body.stream),

@@ -30,12 +30,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
 from gptforge.errors import BadInputError
-from gptforge.generate import check_sampling, sample, use_decode_layout
+from gptforge.generate import check_sampling, sample, stop_set, use_decode_layout
 from gptforge.model import GPTModel, KVCache
 
 log = logging.getLogger(__name__)
@@ -164,13 +164,13 @@ class Engine:
     the tokens generated and the job steps run.
     """
 
-    def __init__(self, model: GPTModel, tokenizer, eos_id: int | None = None,
+    def __init__(self, model: GPTModel, tokenizer, eos_id: int | Collection[int] | None = None,
                  max_active: int = 16) -> None:
         if max_active < 1:
             raise BadInputError(f"max_active must be at least 1, got {max_active}")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.eos_id = eos_id
+        self.stop_ids = frozenset(stop_set(eos_id))  # any of them ends a generation
         self.max_active = max_active
         self.context_length = model.cfg.context_length
         self.stats: dict[str, int] = collections.Counter(
@@ -392,7 +392,7 @@ class Engine:
         """Send `gen`'s new token on as text; True once `gen` is finished."""
         gen.generated += 1
         self.stats["tokens"] += 1
-        if self.eos_id is not None and token == self.eos_id:
+        if token in self.stop_ids:
             text, reason = gen.text.finish(), "stop"
         else:
             text, stopped = gen.text.push(token)
