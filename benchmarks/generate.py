@@ -9,21 +9,43 @@ the median tokens/s per engine is reported with its ratio to transformers.
 
 With --trained-run, also compares int8 and float32 perplexity on The Verdict's
 validation text (the last 10%) for a model trained by gptforge.
+
+With --family, it compares instead gptforge and transformers on random models of the
+released shapes of Qwen3 / Llama 3 presets, in each dtype of --dtype:
+
+    python benchmarks/generate.py --family qwen3-0.6b llama-3.2-1b --dtype float32 bfloat16 --rounds 3 --tokens 100
+
+For each (preset, dtype) the weights are written once, by transformers' `save_pretrained`
+from a seeded random Qwen3ForCausalLM / LlamaForCausalLM in that dtype (in a process of its
+own, into a temporary folder deleted after that preset's rounds), then each round runs
+transformers (`from_pretrained(dtype=..., attn_implementation="sdpa")` + `generate(...,
+do_sample=False)`) and gptforge (`gptforge.load(dir, dtype=...)` + `gptforge.generate`), each in
+a fresh process, batch 1, the same fixed prompt ids. It prints the median tokens/s, the ratio
+to transformers, how many greedy tokens agree, each process's peak RSS and its thread count.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import make_gpt2_small_weights, run_worker
+from _common import make_family_weights, make_gpt2_small_weights, peak_rss_mib, run_json, run_worker
 
 PROMPT = "Every effort moves you"
+
+
+# The prompt of the --family runs: 13 fixed ids, arbitrary but inside every family's
+# vocabulary (random weights come with no tokenizer).
+FAMILY_PROMPT_IDS = [791, 3925, 315, 279, 3363, 12302, 449, 264, 2678, 17516, 389, 279, 15140]
+FAMILY_ENGINES = ["hf", "gptforge"]
+FAMILY_NAMES = ["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]
+DTYPES = ["float32", "bfloat16"]
 
 
 # Eight prompts of different lengths for the batched-generation comparison.
@@ -88,6 +110,124 @@ def worker(engine: str, weights: str, tokens: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def family_worker(engine: str, weights: str, tokens: int, dtype_name: str, threads: int | None) -> dict:
+    """One --family measurement: load the random weights in `dtype_name`, warm up, time one
+    greedy generation of `tokens` new tokens at batch 1. gptforge runs `load` + `generate`
+    only; transformers runs `from_pretrained` (sdpa attention) + `generate`."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    ids = torch.tensor([FAMILY_PROMPT_IDS])
+    start = time.perf_counter()
+    if engine == "hf":
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        version = f"transformers {transformers.__version__}"
+        model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation="sdpa").eval()
+        mask = torch.ones_like(ids)
+
+        def run(n):
+            with torch.inference_mode():
+                return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False)[0, ids.shape[1]:].tolist()
+    elif engine == "gptforge":
+        import gptforge
+
+        version = f"gptforge {getattr(gptforge, '__version__', '')}".strip()
+        model = gptforge.load(weights, dtype=dtype)
+
+        def run(n):
+            return gptforge.generate(model, ids, n)[0, ids.shape[1]:].tolist()
+    else:
+        raise SystemExit(f"unknown --family engine {engine!r}; choose from {', '.join(FAMILY_ENGINES)}")
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    run(5)  # warm-up: first-call allocations, kernel selection, gptforge's decode layout
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    new = run(tokens)
+    seconds = time.perf_counter() - start
+    assert len(new) == tokens, (engine, len(new))
+    return {"engine": engine, "version": version, "torch": torch.__version__, "tokens_per_s": tokens / seconds,
+            "new_ids": [new], "threads": torch.get_num_threads(), "peak_rss_mib": peak_rss_mib(),
+            "load_s": load_s, "warmup_s": warmup_s, "generate_s": seconds}
+
+
+def family_benchmark(script: str, names: list[str], dtypes: list[str], rounds: int, tokens: int,
+                     threads: int | None) -> None:
+    """The --family comparison: for each preset and dtype, write the weights once, then
+    alternate the engines round by round, each run in a fresh process; print a table each."""
+    extra = ["--tokens", str(tokens)] + (["--threads", str(threads)] if threads else [])
+    for name in names:
+        for dtype in dtypes:
+            warn_if_short_of_memory(name, dtype)
+            with tempfile.TemporaryDirectory(prefix=f"gptforge-bench-{name}-{dtype}-") as tmp:
+                weights = Path(tmp) / f"{name}-random-{dtype}"
+                start = time.perf_counter()
+                made = run_json(script, "--write-weights", name, "--weights", str(weights), "--dtype", dtype)
+                print(f"{name} {dtype}: wrote {made['parameters'] / 1e9:.2f}B random parameters "
+                      f"({made['bytes'] / 2**30:.2f} GiB) in {time.perf_counter() - start:.0f} s, "
+                      f"writer peak RSS {made['peak_rss_mib'] / 1024:.2f} GiB", file=sys.stderr)
+                records: dict[str, list[dict]] = {}
+                for _ in range(rounds):
+                    for engine in FAMILY_ENGINES:
+                        start = time.perf_counter()
+                        record = run_worker(script, engine, weights, "--worker-dtype", dtype, *extra)
+                        record["wall_s"] = time.perf_counter() - start
+                        records.setdefault(engine, []).append(record)
+                        print(f"  {name} {dtype} {engine:9s} {record['tokens_per_s']:7.2f} tok/s  "
+                              f"peak RSS {record['peak_rss_mib'] / 1024:5.2f} GiB  {record['threads']} threads  "
+                              f"load {record['load_s']:.1f} s, warm-up {record['warmup_s']:.1f} s, "
+                              f"generate {record['generate_s']:.1f} s, process {record['wall_s']:.0f} s",
+                              file=sys.stderr)
+            print_family_table(name, dtype, tokens, made, records)
+
+
+def warn_if_short_of_memory(name: str, dtype: str) -> None:
+    """A warning where a run may not fit: on 2026-12-02 gptforge's float32 process peaked at about
+    3x the weights' size (its decode layout), transformers' and the writer's at about 1.1-1.4x."""
+    from gptforge.families import DecoderConfig
+
+    size = DecoderConfig.from_name(name).num_parameters() * (4 if dtype == "float32" else 2)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 3 * size > 0.9 * total:
+        print(f"warning: {name} in {dtype} holds {size / 2**30:.1f} GiB of weights; a run may need about "
+              f"{3 * size / 2**30:.0f} GiB of this machine's {total / 2**30:.0f} GiB", file=sys.stderr)
+
+
+def print_family_table(name: str, dtype: str, tokens: int, made: dict, records: dict[str, list[dict]]) -> None:
+    hf = statistics.median(r["tokens_per_s"] for r in records["hf"])
+    print(f"\n{name} shape, random weights ({made['parameters'] / 1e9:.2f}B parameters), {dtype}; batch 1, "
+          f"prompt of {len(FAMILY_PROMPT_IDS)} ids, {tokens} new tokens, greedy; torch {records['hf'][0]['torch']}; "
+          f"median of {len(records['hf'])} rounds, each run in its own process\n")
+    print("| engine | tokens/s (median) | runs | vs transformers | peak RSS (max of runs) | threads |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    for engine, runs in records.items():
+        speeds = [r["tokens_per_s"] for r in runs]
+        med = statistics.median(speeds)
+        label = runs[0]["version"] + (" (sdpa)" if engine == "hf" else ", load + generate")
+        threads = "/".join(sorted({str(r["threads"]) for r in runs}))
+        rss = max(r["peak_rss_mib"] for r in runs) / 1024
+        print(f"| {label} | {med:.2f} | {', '.join(f'{v:.1f}' for v in speeds)} | {med / hf:.2f}x | "
+              f"{rss:.2f} GiB | {threads} |")
+    reference = records["hf"][0]["new_ids"][0]
+    for engine, runs in records.items():
+        if len({json.dumps(r["new_ids"]) for r in runs}) > 1:
+            print(f"{engine}: greedy tokens DIFFER between its own rounds")
+        if engine == "hf":
+            continue
+        mine = runs[0]["new_ids"][0]
+        same = sum(a == b for a, b in zip(mine, reference))
+        diverge = next((i for i, (a, b) in enumerate(zip(mine, reference)) if a != b), None)
+        where = "identical" if diverge is None else f"first difference at new token {diverge + 1}"
+        print(f"{engine}: {same} of {len(mine)} greedy tokens equal transformers' ({where}; "
+              f"{len(set(mine))} distinct)")
+
+
 def perplexity_check(run_dir: str) -> dict:
     from gptforge import load
     from gptforge.download import download
@@ -142,11 +282,29 @@ def main() -> None:
     p.add_argument("--nocache-rounds", type=int, default=1, help="gptforge without cache (slow)")
     p.add_argument("--trained-run", default=None)
     p.add_argument("--bandwidth", action="store_true", help="also time the layers' products alone")
+    p.add_argument("--family", nargs="+", choices=FAMILY_NAMES, default=None, metavar="PRESET",
+                   help="compare on random models of these presets' shapes instead of gpt2-small "
+                        f"(choices: {', '.join(FAMILY_NAMES)})")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["bfloat16"],
+                   help="with --family: the dtypes to write and load the weights in (default: bfloat16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="with --family: torch.set_num_threads in every run (default: PyTorch's own)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-dtype", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--write-weights", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.write_weights:
+        print(json.dumps(make_family_weights(Path(args.weights), args.write_weights, args.dtype[0])))
+        return
+    if args.worker and args.worker_dtype:
+        print(json.dumps(family_worker(args.worker, args.weights, args.tokens, args.worker_dtype, args.threads)))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.weights, args.tokens)))
+        return
+    if args.family:
+        family_benchmark(__file__, args.family, args.dtype, args.rounds, args.tokens, args.threads)
         return
 
     with tempfile.TemporaryDirectory() as tmp:

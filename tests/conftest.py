@@ -155,3 +155,35 @@ def save_lm_and_classifier(root: Path, cfg) -> dict[str, Path]:
     save_model(model, root / "tiny-clf", RunMeta(model=cfg, task="classifier",
                                                  classifier=ClassifierSettings(["ham", "spam"])))
     return {"lm": root / "tiny-lm", "clf": root / "tiny-clf"}
+
+
+def _tokenizer_fixture_script():
+    """scripts/make_tokenizer_fixtures.py as a module (scripts/ is not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_tokenizer_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_tokenizer_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, fetch) -> Callable[[str], Path]:
+    """`tokenizer_dir(family)`: a Hugging Face tokenizer directory of a real model family
+    ("llama3", "qwen3", "phi3", "gpt2", "gemma4"), built from llama.cpp's GGUF vocabulary on
+    first use (see scripts/make_tokenizer_fixtures.py)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf", reason="building tokenizers from GGUF files needs the `gguf` package")
+    script = _tokenizer_fixture_script()
+    root = tmp_path_factory.mktemp("hf-tokenizers")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = script.build_fixture(family, root, fetch)
+        return built[family]
+
+    return get

@@ -157,6 +157,57 @@ RESOURCES: dict[str, Resource] = {
             sha256=_VOCAB_SHA256,
             size=_VOCAB_SIZE,
         ),
+        # Tokenizers of released models as GGUF files without weights (token list, merges or
+        # scores, token types, special-token ids), from llama.cpp's models/ folder (MIT licence)
+        # at a fixed commit. The test suite turns them into Hugging Face tokenizer directories.
+        *(
+            Resource(
+                name=f"vocab-{vocab}",
+                urls=("https://raw.githubusercontent.com/ggml-org/llama.cpp/"
+                      f"0c1e57098bba43ac29e6e3b677cdceebdd22334f/models/ggml-vocab-{vocab}.gguf",),
+                path=f"vocab/ggml-vocab-{vocab}.gguf",
+                sha256=sha256,
+                size=size,
+            )
+            for vocab, size, sha256 in (
+                ("gemma-4", 15776467, "58b1ba0b57f3b4d7c468ba4ffd91ad85190346a3d7ad7e71d1cabaae8a14bb65"),
+                ("gpt-2", 1766807, "cedc56ca6e2e89f63e781696d1fd76b4b1d49e6720dee86463e915f6e90016ac"),
+                ("llama-bpe", 7818140, "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e"),
+                ("llama-spm", 723869, "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69"),
+                ("phi-3", 726019, "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326"),
+                ("qwen2", 5928681, "44c2f46b715f585c6ab513970e8a006bfa5badd6108560054921cf598d154d8c"),
+            )
+        ),
+        # Official chat templates: the `chat_template` string of each Hugging Face repository's
+        # tokenizer_config.json, which is JSON and so not these bytes. llama.cpp keeps the bare
+        # templates, named owner-repo.jinja, in models/templates/ (written there by its
+        # scripts/get_chat_template.py), at the same commit as the vocabularies above.
+        *(
+            Resource(
+                name=f"chat-template-{repo}",
+                urls=("https://raw.githubusercontent.com/ggml-org/llama.cpp/"
+                      f"0c1e57098bba43ac29e6e3b677cdceebdd22334f/models/templates/{repo}.jinja",),
+                path=f"chat-templates/{repo}.jinja",
+                sha256=sha256,
+                size=size,
+            )
+            for repo, size, sha256 in (
+                ("HuggingFaceTB-SmolLM3-3B", 3795,
+                 "19eacf64569032f07644ea92c8e2a87af06ee7008147557302c31e474912ca97"),
+                ("Qwen-Qwen2.5-7B-Instruct", 2507,
+                 "cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f"),
+                ("Qwen-Qwen3-0.6B", 4116,
+                 "87a2728cb8dc9fe424d624542f6060ec05a1d285ebbec578bb078900e33396b5"),
+                ("google-gemma-2-2b-it", 591,
+                 "ecd6ae513fe103f0eb62e8ab5bfa8d0fe45c1074fa398b089c93a7e70c15cfd6"),
+                ("meta-llama-Llama-3.1-8B-Instruct", 4614,
+                 "e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65"),
+                ("meta-llama-Llama-3.2-3B-Instruct", 3827,
+                 "5816fce10444e03c2e9ee1ef8a4a1ea61ae7e69e438613f3b17b69d0426223a4"),
+                ("microsoft-Phi-3.5-mini-instruct", 430,
+                 "78d976a442bcde2f0be15aafbb8e3050e1104f86732266f68403251b89982a90"),
+            )
+        ),
     )
 }
 

@@ -16,22 +16,28 @@ from gptforge.model import GPTModel
 
 @torch.inference_mode()
 def evaluate_text(model: GPTModel, texts: Sequence[str | os.PathLike], context_length: int | None = None,
-                  batch_size: int = 4, progress: bool = False) -> dict[str, float]:
+                  batch_size: int = 4, progress: bool = False, tokenizer=None) -> dict[str, float]:
     """Score every token of the texts (files, directories, globs) once, in non-overlapping windows.
 
     Returns the mean cross-entropy per predicted token (nats), its perplexity, and the
-    number of tokens scored.
+    number of tokens scored. `tokenizer` is the model's (default: GPT-2's BPE).
     """
     what = f"the text of {', '.join(map(str, texts))}"
-    return evaluate_string(model, read_texts(texts), context_length, batch_size, progress, what=what)
+    return evaluate_string(model, read_texts(texts), context_length, batch_size, progress, what=what,
+                           tokenizer=tokenizer)
 
 
 @torch.inference_mode()
 def evaluate_string(model: GPTModel, text: str, context_length: int | None = None,
-                    batch_size: int = 4, progress: bool = False, what: str = "the text") -> dict[str, float]:
+                    batch_size: int = 4, progress: bool = False, what: str = "the text",
+                    tokenizer=None) -> dict[str, float]:
     """Like `evaluate_text`, for a text already in memory (`what` names it in errors)."""
     check_language_model(model)
-    check_vocabulary(model.cfg)
+    if not hasattr(tokenizer, "eos_ids"):  # GPT-2's BPE (tiktoken), the default
+        check_vocabulary(model.cfg)
+    elif tokenizer.n_vocab > model.cfg.vocab_size:
+        raise BadInputError(f"the tokenizer makes ids up to {tokenizer.n_vocab - 1}, beyond the model's "
+                            f"vocabulary of {model.cfg.vocab_size}: evaluate with the model's own tokenizer")
     ctx = model.cfg.context_length
     if context_length is not None:
         if isinstance(context_length, bool) or not isinstance(context_length, int) or \
@@ -41,7 +47,7 @@ def evaluate_string(model: GPTModel, text: str, context_length: int | None = Non
         ctx = context_length
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise BadInputError(f"--batch-size must be a whole number of at least 1, not {batch_size!r}")
-    data = GPTDataset(text, max_length=ctx, stride=ctx, what=what,
+    data = GPTDataset(text, tokenizer, max_length=ctx, stride=ctx, what=what,
                       hint="give a longer text or a smaller --context-length")
     device = model.emb.tok.weight.device
     model.eval()

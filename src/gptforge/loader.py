@@ -66,14 +66,17 @@ _LOOKED_FOR = (f"{META_NAME} + {WEIGHTS_NAME} or {ADAPTER_NAME} (gptforge), "
 
 
 def load(source: str | os.PathLike, *, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None, for_training: bool = False,
+         dtype: torch.dtype | str | None = None, for_training: bool = False,
          verify: bool | None = None, download_format: str = "openai") -> GPTModel:
     """Load a GPTModel from any source (see the module docstring for the kinds).
 
     The model comes in eval mode, with a LoRA run's adapters merged in. With
     `for_training`, it comes in train mode and a LoRA run keeps its adapters
     separate and trainable (the base frozen), as when it was saved. `dtype`
-    converts the weights (default: as stored). `verify=False` skips the checks
+    converts the weights; "auto" keeps every tensor as stored, and so does None, except
+    that Llama / Qwen / Gemma checkpoints from Hugging Face load in bfloat16 (float32
+    with `for_training`: optimizer updates need full-precision weights to accumulate
+    in). `verify=False` skips the checks
     of the weights: the sha256 recorded for gptforge's files, NaN and
     infinities, the CRC-32Cs of TensorFlow files (default: check, unless the
     environment sets GPTFORGE_NO_VERIFY=1, as `gptforge --no-verify` does). A preset
@@ -83,10 +86,13 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu",
         verify = os.environ.get(NO_VERIFY_ENV) != "1"
     path = resolve(source, download_format)
     kind = detect_format(path)
+    if dtype == "auto":
+        dtype = None if kind != "hf" or not _is_decoder_family(path) else "as stored"
     if kind == "gptforge":
         model = _load_gptforge(path, device, dtype, for_training, verify)
     elif kind == "hf" and _is_decoder_family(path):
-        model = _load_hf_decoder(path, device, dtype or torch.bfloat16, verify)
+        default = torch.float32 if for_training else torch.bfloat16
+        model = _load_hf_decoder(path, device, None if dtype == "as stored" else dtype or default, verify)
     else:
         if kind == "openai":
             cfg, flat = read_openai_checkpoint(path, verify=verify)
@@ -249,7 +255,7 @@ def _is_decoder_family(path: Path) -> bool:
     return read_model_type(folder / HF_CONFIG_NAME) in MODEL_TYPES
 
 
-def _load_hf_decoder(path: Path, device, dtype: torch.dtype, verify: bool) -> nn.Module:
+def _load_hf_decoder(path: Path, device, dtype: torch.dtype | None, verify: bool) -> nn.Module:
     """A Llama / Qwen / Gemma checkpoint: tensors read one at a time from the memory-mapped
     safetensors files, converted to `dtype` on `device`, and put into a model built on the
     meta device (so loading needs the model's size in memory once)."""

@@ -137,9 +137,12 @@ def get_tokenizer(directory: str | None = None) -> tiktoken.Encoding:
 
 
 def text_to_ids(text: str, tokenizer=None) -> list[int]:
-    """Encode text, letting special tokens through: GPT-2's `<|endoftext|>` (id 50256), or
-    the special tokens of another model's tokenizer (see hf_tokenizer.HFTokenizer.encode)."""
+    """Encode a prompt, letting special tokens through: GPT-2's `<|endoftext|>` (id 50256),
+    or for another model's tokenizer its special tokens, after its BOS (HFTokenizer.encode_prompt)."""
     tokenizer = tokenizer or get_tokenizer()
     if isinstance(tokenizer, tiktoken.Encoding):
         return tokenizer.encode(text, allowed_special={ENDOFTEXT})
-    return tokenizer.encode(text, allowed_special="all")
+    # A whole model input: the model's BOS first (once: a chat template writes it itself).
+    ids = tokenizer.encode_prompt(text)
+    bos = tokenizer.bos_id
+    return ids[1:] if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos else ids

@@ -52,9 +52,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from gptforge.evaluate import evaluate_text
-    from gptforge.loader import load
+    from gptforge.loader import load, tokenizer_for
 
     model = load(args.model, device=args.device)
-    result = evaluate_text(model, args.text, args.context_length, args.batch_size, progress=True)
+    result = evaluate_text(model, args.text, args.context_length, args.batch_size, progress=True,
+                           tokenizer=tokenizer_for(args.model))
     print(json.dumps(result, indent=2))
     return 0

@@ -24,7 +24,7 @@ def add_commands(sub) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from gptforge.data import check_language_model
     from gptforge.generate import stream_text
-    from gptforge.loader import load
+    from gptforge.loader import load, tokenizer_for
 
     if args.quantize and args.device != "cpu":
         raise BadInputError(f"--quantize int8 runs on the CPU only; leave out --device {args.device} "
@@ -38,7 +38,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model = quantize_int8(model)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    for piece in stream_text(model, args.prompt, args.max_new_tokens, use_cache=not args.no_cache,
+    tokenizer = tokenizer_for(args.model)  # GPT-2's BPE, or the model's own tokenizer.json
+    for piece in stream_text(model, args.prompt, args.max_new_tokens, tokenizer, use_cache=not args.no_cache,
                              **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()

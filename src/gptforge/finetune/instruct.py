@@ -175,6 +175,19 @@ def read_splits(run_dir: str | os.PathLike) -> Splits:
 # ------------------------------------------------------------------------------------
 # tokens and batches
 
+def encode_template_text(text: str, template: PromptTemplate | ChatTemplate, tokenizer) -> list[int]:
+    """Token ids of a prompt (or prompt + answer) that `template` wrote.
+
+    A model's chat template writes its special tokens (role headers, the BOS) as text,
+    so they are encoded as those tokens. The Alpaca and Phi-3 templates are plain text:
+    encoded as ordinary text, after the model's BOS if its tokenizer puts one first.
+    """
+    if isinstance(template, ChatTemplate):
+        return tokenizer.encode(text, allowed_special="all")
+    bos = getattr(tokenizer, "bos_id", None)
+    return ([bos] if bos is not None else []) + tokenizer.encode_ordinary(text)
+
+
 def encode_entry(entry: Mapping[str, str], template: PromptTemplate, tokenizer=None) -> tuple[list[int], int]:
     """Token ids of `template.full(entry)` and how many of them belong to the prompt.
 
@@ -182,8 +195,8 @@ def encode_entry(entry: Mapping[str, str], template: PromptTemplate, tokenizer=N
     cannot end an example early; the end-of-text token is added by the collate.
     """
     tokenizer = tokenizer or get_tokenizer()
-    ids = tokenizer.encode_ordinary(template.full(entry))
-    prompt = tokenizer.encode_ordinary(template.prompt(entry))
+    ids = encode_template_text(template.full(entry), template, tokenizer)
+    prompt = encode_template_text(template.prompt(entry), template, tokenizer)
     # BPE may merge across the prompt/answer boundary; count only the shared prefix.
     n = 0
     for a, b in zip(prompt, ids):
@@ -345,7 +358,7 @@ def generate_responses(
     template = get_template(template, tokenizer) if isinstance(template, str) else template
     ctx = model.cfg.context_length
     stops = end_ids(tokenizer, template)
-    prompts = [tokenizer.encode_ordinary(template.prompt(e)) for e in entries]
+    prompts = [encode_template_text(template.prompt(e), template, tokenizer) for e in entries]
     for i, ids in enumerate(prompts):
         if len(ids) > ctx:
             log.warning("prompt %d has %d tokens; the model sees only the last %d", i, len(ids), ctx)
@@ -388,7 +401,7 @@ def chat_prompt(history: Sequence[Mapping[str, str]], message: str,
     history = list(history)
     while True:
         prompt = render_chat(history + [{"role": "user", "content": message}], template)
-        n = len(tokenizer.encode_ordinary(prompt))
+        n = len(encode_template_text(prompt, template, tokenizer))
         if max_tokens is None or n <= max_tokens:
             return prompt
         if not history:

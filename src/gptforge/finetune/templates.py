@@ -91,16 +91,13 @@ class ChatTemplate:
 
 
 def chat_template_for(tokenizer: Any, **options: Any) -> ChatTemplate:
-    """The ChatTemplate of a tokenizer that carries a chat template (see hf_tokenizer);
+    """The ChatTemplate of a tokenizer that carries a chat template (an HFTokenizer);
     `options` go to the template (e.g. enable_thinking=False for Qwen3)."""
-    source = getattr(tokenizer, "chat_template", None)
-    if not source:
+    if not getattr(tokenizer, "chat_template", None):
         raise BadInputError("this model's tokenizer has no chat template; use --template alpaca or phi3")
-    from gptforge.chat_template import render_chat_template
 
     def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return render_chat_template(source, messages, add_generation_prompt=add_generation_prompt,
-                                    bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, **options)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **options)
 
     return ChatTemplate(render)
 

@@ -160,7 +160,10 @@ def hf_decoder_config(cfg: DecoderConfig, dtype: torch.dtype, special: dict[str,
         "torch_dtype": str(dtype)[6:],
     }
     if cfg.arch == "gemma3":
-        config.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=cfg.query_scale,
+        # transformers 5 accepts only a whole number here (the released models use 256 or 168).
+        scalar = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim
+        config.update(hidden_activation="gelu_pytorch_tanh",
+                      query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
                       sliding_window=cfg.sliding_window, final_logit_softcapping=cfg.final_softcap,
                       attn_logit_softcapping=None,
                       layer_types=[f"{cfg.layer_type(i)}_attention" for i in range(cfg.n_layers)],
