@@ -158,3 +158,29 @@ def test_evaluate_scores_with_the_models_tokenizer(family_dir, tmp_path, capsys)
     assert result["tokens"] == (n_ids - 1) // 64 * 64  # every full window of the model's own ids
     # A random model is near uniform over its vocabulary: loss close to ln(V).
     assert abs(result["loss"] - torch.log(torch.tensor(float(tok.n_vocab)))) < 1.0
+
+
+def test_classifier_on_a_family_model_uses_its_tokenizer(family_dir, tmp_path, capsys):
+    import csv
+
+    data = tmp_path / "moods.csv"
+    with open(data, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("Label", "Text"))
+        writer.writerows([("happy" if i % 2 else "sad", f"{'What a lovely' if i % 2 else 'Such a grey'} day {i}")
+                          for i in range(40)])
+    run = tmp_path / "clf"
+    assert main(["finetune", "classify", "--model", str(family_dir), "--data", str(data), "--max-steps", "2",
+                 "--trainable", "all", "--out", str(run), "--no-progress"]) == 0
+    assert main(["classify", "--model", str(run), "What a lovely morning"]) == 0
+    assert capsys.readouterr().out.split()[-2] in ("happy", "sad")
+    from gptforge.finetune.classify import TextClassifier
+
+    clf = TextClassifier.load(run)
+    tok = load_tokenizer(family_dir)
+    assert clf.tokenizer.n_vocab == tok.n_vocab  # the model's own tokenizer, not GPT-2's
+    text = "Such a grey day"
+    from gptforge.finetune.classify import ClassificationDataset
+
+    ids = ClassificationDataset([(text, "sad")], clf.labels, tokenizer=clf.tokenizer)[0][0].tolist()
+    assert ids == tok.encode_ordinary(text)

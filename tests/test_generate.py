@@ -5,6 +5,7 @@ from torch import nn
 
 from gptforge import GPTModel, generate, generate_stream, sample, stream_text
 from gptforge.generate import DecodeLinear, filter_logits, use_decode_layout
+from gptforge.generate import _bf16_kernels as gen_bf16
 
 
 @pytest.fixture
@@ -204,7 +205,9 @@ def _decode_linears(model):
     return [m for m in model.modules() if isinstance(m, DecodeLinear)]
 
 
-def test_generation_is_fast_by_default_and_training_undoes_it(tiny_cfg):
+def test_generation_is_fast_by_default_and_training_undoes_it(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(DecodeLinear, "min_split_size", 1)  # the tiny model's weights count as large
+
     def fresh():
         torch.manual_seed(3)
         model = GPTModel(tiny_cfg.replace(vocab_size=128))
@@ -280,3 +283,36 @@ def test_decode_linear_packed_batches_follow_weight_changes():
     y = split(x.requires_grad_())
     y.sum().backward()  # the training path is differentiable
     assert split.weight.grad is not None
+
+
+@pytest.mark.skipif(not DecodeLinear.pack_batches, reason="PyTorch built without oneDNN")
+def test_decode_linear_packs_only_where_memory_allows(monkeypatch):
+    import importlib
+
+    gen = importlib.import_module("gptforge.generate")  # the module; gptforge.generate the attribute is a function
+    model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512)).eval()
+    x = torch.randn(3, 1, 512)  # three sequences, one new token each
+    with torch.no_grad():
+        expected = model(x)
+    monkeypatch.setattr(gen, "_available_memory", lambda: 1 << 20)  # 1 MiB free: 2 MiB of weights do not fit
+    use_decode_layout(model)
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
+    assert all(not layer.pack and layer._packed is None for layer in model)
+    monkeypatch.setattr(gen, "_available_memory", lambda: 1 << 34)
+    use_decode_layout(model)
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
+    assert all(layer.pack and layer._packed is not None for layer in model)
+
+
+@pytest.mark.skipif(not gen_bf16(), reason="no oneDNN bfloat16 kernels on this CPU")
+def test_bfloat16_decoding_uses_the_packed_product_with_the_same_results():
+    layer = DecodeLinear(nn.Linear(512, 768).to(torch.bfloat16), parts=2).eval()
+    assert layer.weight.is_contiguous()  # bfloat16 keeps the standard layout
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer._packed is not None
+    ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert torch.allclose(y.float(), ref, atol=0.05, rtol=0.02)

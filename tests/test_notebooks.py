@@ -38,11 +38,14 @@ def test_spam_notebook(tmp_path):
 # ------------------------------------------------------------------------------------
 # notebooks/instruction_finetuning.ipynb
 
-@pytest.mark.needs_data("instruction-data")
+@pytest.mark.needs_data("instruction-data", "vocab-qwen2", "chat-template-Qwen-Qwen3-0.6B")
 def test_instruction_notebook(tmp_path):
     import json
 
     _execute(ROOT / "notebooks" / "instruction_finetuning.ipynb", tmp_path, GPTFORGE_NB_TINY="1")
-    runs = list((tmp_path / "runs").glob("notebook-instruct*"))
-    assert len(runs) == 1
-    assert len(json.loads((runs[0] / "responses.json").read_text())) == 3
+    runs = sorted((tmp_path / "runs").glob("notebook-instruct*"))
+    assert [r.name for r in runs] == ["notebook-instruct", "notebook-instruct-qwen3"]
+    for run in runs:
+        assert len(json.loads((run / "responses.json").read_text())) == 3
+    modern = json.loads((runs[1] / "gptforge.json").read_text())
+    assert modern["model"]["arch"] == "qwen3" and modern["template"] == "chat" and modern["lora"]["rank"] == 16

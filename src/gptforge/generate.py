@@ -34,32 +34,43 @@ def stop_set(eos_id: StopIds) -> list[int]:
     return [int(eos_id)] if isinstance(eos_id, int) else sorted({int(i) for i in eos_id})
 
 
+def _bf16_kernels() -> bool:
+    """Whether oneDNN has bfloat16 kernels for this CPU (AVX-512 BF16 or AMX)."""
+    try:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class DecodeLinear(nn.Linear):
-    """A linear layer that can store its weight the way CPU decoding reads it fastest.
+    """A linear layer that stores and computes its weight the way CPU decoding runs fastest.
 
-    In the decode layout the weight is the same [out, in] parameter stored
-    input-major (transposed in memory), the order CPU matrix-vector products stream
-    fastest. Such a product runs on one core, and one core cannot draw all of the
-    memory bandwidth, so inputs of at most `max_rows` rows are computed as `parts`
-    partial products, each over one contiguous slice of the weight's rows;
-    `torch.bmm` runs them on parallel threads and their sum is the result. Longer
-    inputs (a prompt), small weights (which cache holds anyway, so splitting only
-    adds work) and a weight in the standard layout take the usual path. `train()`
-    puts the weight back in the standard layout, in the same Parameter, so training
-    runs at full speed and an optimizer that holds the parameter stays valid.
+    Decoding multiplies a few rows (one per sequence) by every weight, so its speed is
+    how fast the weights stream from memory. Two ways of doing that, by weight dtype:
 
-    A batch of 2 to `max_rows` rows (several prompts decoding together) is slow
-    through either product: the matrix library's kernels for so few rows run at a
-    third of the bandwidth. For such batches a float32 weight large enough to split
-    is also kept prepacked for oneDNN (`torch.ops.mkldnn`), the blocked order its
-    small-batch kernel reads; that doubles the memory of those weights while a model
-    decodes in batches (about 1.9x the tokens/s of gpt2-small at 8 rows, see
-    docs/benchmarks.md). The copy is made on first use, made again if the weight
-    changes, and dropped by `train()` and `as_linear()`.
+    - float32, one row: the decode layout. The weight is the same [out, in] parameter
+      stored input-major (transposed in memory), the order CPU matrix-vector products
+      stream fastest. Such a product runs on one core, and one core cannot draw all of
+      the memory bandwidth, so the product is computed as `parts` partial products,
+      each over one contiguous slice of the weight's rows; `torch.bmm` runs them on
+      parallel threads and their sum is the result.
+    - several sequences decoding together in float32 (2 to `max_rows` rows of one token
+      each), and every input of up to `max_rows` rows in bfloat16: oneDNN's product
+      with the weight prepacked in the blocked order its kernel reads (`torch.ops.mkldnn`).
+      The matrix library's kernels for so few rows, and its bfloat16 products, run at
+      half the bandwidth or less. The packed copy doubles the
+      memory of the layer's weight; `use_decode_layout` allows it only while the
+      machine has room for it (`pack_batches = False` never makes one). It is made on
+      first use, made again if the weight changes, and dropped by `train()`.
+
+    Longer inputs (a prompt), small weights (which cache holds anyway) and anything
+    that needs gradients take the usual `F.linear`. `train()` puts the weight back in
+    the standard layout, in the same Parameter, so training runs at full speed and an
+    optimizer that holds the parameter stays valid. Figures: docs/benchmarks.md.
     """
 
     max_rows = 16
-    min_split_size = 1 << 17  # weights of fewer elements (512 KB in float32) are not split
+    min_split_size = 1 << 17  # weights of fewer elements (512 KB in float32) keep the usual path
     pack_batches = torch.backends.mkldnn.is_available()  # set False to keep one copy of each weight
 
     def __init__(self, layer: nn.Linear, parts: int) -> None:
@@ -67,8 +78,8 @@ class DecodeLinear(nn.Linear):
                          device="meta")  # no storage: the layer's own parameters are used
         self.weight, self.bias = layer.weight, layer.bias
         self.training = layer.training  # set, not train(): that would pick the standard layout
-        splittable = self.in_features % parts == 0 and self.weight.numel() >= self.min_split_size
-        self.parts = parts if splittable else 1
+        self.parts = parts if self.in_features % parts == 0 and not self.small else 1
+        self.pack = self.pack_batches  # use_decode_layout turns it off when memory is short
         self._packed: tuple[torch.Tensor, tuple[int, int]] | None = None  # (weight, its version)
         self.decode_layout()
 
@@ -76,9 +87,16 @@ class DecodeLinear(nn.Linear):
     def in_decode_layout(self) -> bool:
         return self.weight.t().is_contiguous()
 
+    @property
+    def small(self) -> bool:
+        """Too small to gain from any of this: the cache holds it anyway."""
+        return self.weight.numel() < self.min_split_size
+
     def decode_layout(self) -> None:
-        """Store the weight input-major; nothing to do if it already is."""
-        if not self.in_decode_layout:
+        """Store a float32 weight input-major (other dtypes keep the standard layout)."""
+        if self.weight.dtype != torch.float32 or self.small:
+            self.standard_layout()
+        elif not self.in_decode_layout:
             # A plain tensor even inside inference mode, so that training can use it later.
             with torch.inference_mode(False):
                 self.weight.data = self.weight.data.t().contiguous().t()
@@ -100,6 +118,13 @@ class DecodeLinear(nn.Linear):
         # Copies and pickles leave the prepacked weight behind (it has no storage to copy).
         return {**super().__getstate__(), "_packed": None}
 
+    @property
+    def packable(self) -> bool:
+        """Whether oneDNN's prepacked product serves this weight's dtype on this machine."""
+        if self.weight.dtype == torch.float32:
+            return True
+        return self.weight.dtype == torch.bfloat16 and _BF16_KERNELS
+
     def _packed_weight(self) -> torch.Tensor:
         """The weight prepacked for oneDNN's small-batch product, made again if it changed."""
         stamp = (self.weight.data_ptr(), self.weight._version)  # in-place updates bump the version
@@ -119,12 +144,18 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.parts == 1 or rows > self.max_rows or not self.in_decode_layout:
+        if rows > self.max_rows or self.small or x.requires_grad or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        if rows > 1 and self.pack_batches and self.weight.dtype == torch.float32 and not x.requires_grad:
+        # float32 packs only for several sequences decoding together (x: (B, 1, D), B > 1), not
+        # for a short prompt of one: the copy would double the memory of a batch-1 user.
+        f32_batch = self.weight.dtype == torch.float32 and rows > 1 and x.dim() == 3 and x.shape[1] == 1
+        if self.pack and self.packable and x.dtype == self.weight.dtype and (
+                f32_batch or self.weight.dtype != torch.float32):
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), self._packed_weight(), self.bias,
                                                    "none", [], "")
             return y.view(*x.shape[:-1], self.out_features)
+        if self.parts == 1 or not self.in_decode_layout:
+            return F.linear(x, self.weight, self.bias)
         slices = self.weight.t().view(self.parts, -1, self.out_features)  # (P, in/P, out)
         pieces = x.reshape(rows, self.parts, -1).transpose(0, 1)  # (P, rows, in/P)
         y = torch.bmm(pieces, slices).sum(0)  # (rows, out)
@@ -133,27 +164,54 @@ class DecodeLinear(nn.Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+_BF16_KERNELS = _bf16_kernels()
+
+
+def _available_memory() -> int | None:
+    """Bytes the system can still give (MemAvailable), or None where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @torch.no_grad()
 def use_decode_layout(model: nn.Module, parts: int | None = None) -> nn.Module:
     """Put every linear layer of a CPU model in the decode layout (see `DecodeLinear`).
 
     Values, shapes and parameter names stay the same; only the weights' memory order
-    and the way one token's products are computed change (gpt2-small decodes about
-    1.8x faster here, see docs/benchmarks.md). `generate_stream` does this itself;
-    on a model already in the decode layout it costs a walk over the modules.
-    `model.train()` restores the standard layout in the same parameters. `parts`
-    defaults to PyTorch's thread count. Models on other devices are left as they
-    are. Returns the model, changed in place.
+    and the way a few rows' products are computed change (see docs/benchmarks.md).
+    `generate_stream` does this itself; on a model already in the decode layout it
+    costs a walk over the modules. Prepacked copies of the weights (see
+    `DecodeLinear`) are allowed while they would take less than half of the memory
+    the system has available. `model.train()` restores the standard layout in the
+    same parameters. `parts` defaults to PyTorch's thread count. Models on other
+    devices are left as they are. Returns the model, changed in place.
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         return model
     parts = parts or torch.get_num_threads()
+    layers = []
     for module in list(model.modules()):
         for name, child in module.named_children():
             if type(child) is nn.Linear:
-                setattr(module, name, DecodeLinear(child, parts))
+                child = DecodeLinear(child, parts)
+                setattr(module, name, child)
             elif isinstance(child, DecodeLinear):
                 child.decode_layout()  # e.g. after a round of training
+            else:
+                continue
+            layers.append(child)
+    unpacked = sum(m.weight.numel() * m.weight.element_size() for m in layers
+                   if m._packed is None and not m.small and m.packable)
+    available = _available_memory()
+    room = available is None or unpacked < available // 2
+    for layer in layers:
+        layer.pack = DecodeLinear.pack_batches and (room or layer._packed is not None)
     return model
 
 

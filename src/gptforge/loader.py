@@ -280,15 +280,8 @@ def _load_hf_decoder(path: Path, device, dtype: torch.dtype | None, verify: bool
         handle = safe_open(str(file), framework="pt", device="cpu")
         where.update({key: handle for key in handle.keys()})
 
-    class _Lazy(dict):  # looked up one tensor at a time, converted as it is read
-        def __getitem__(self, key: str) -> torch.Tensor:
-            tensor = where[key].get_tensor(key).to(device=device, dtype=dtype)
-            if verify and not bool(torch.isfinite(tensor).all()):
-                raise CheckpointError(f"{path}: tensor {key} holds NaN or infinite values")
-            return tensor
-
-    lazy = _Lazy.fromkeys(where)
-    state = state_from_hf(lazy, cfg, str(path))
+    state = state_from_hf(_TensorReader(where, device, dtype, verify, str(path)), cfg, str(path))
+    del where  # closes the files: the model holds copies
     return build_model(cfg, state, where=str(path))
 
 
@@ -335,3 +328,21 @@ def tokenizer_for(source: str | os.PathLike):
     from gptforge.hf_tokenizer import load_tokenizer
 
     return load_tokenizer(folder)
+
+
+class _TensorReader(dict):
+    """Tensors of open safetensors files looked up by name, each read and converted when asked for.
+
+    Each is a copy, not a view of the memory-mapped file: one norm weight left on the map
+    would keep the whole file mapped (and counted as the process's memory) while the model
+    is in use."""
+
+    def __init__(self, where: dict, device, dtype: torch.dtype | None, verify: bool, path: str) -> None:
+        super().__init__(dict.fromkeys(where))
+        self._where, self._device, self._dtype, self._verify, self._path = where, device, dtype, verify, path
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        tensor = self._where[key].get_tensor(key).to(device=self._device, dtype=self._dtype, copy=True)
+        if self._verify and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{self._path}: tensor {key} holds NaN or infinite values")
+        return tensor

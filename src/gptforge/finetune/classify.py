@@ -32,7 +32,7 @@ from gptforge.data import check_vocabulary, read_text_file
 from gptforge.errors import BadInputError, NotFoundError
 from gptforge.fileio import atomic_write, atomic_write_json
 from gptforge.finetune.lora import LoRALinear, apply_lora
-from gptforge.loader import load, read_run
+from gptforge.loader import load, read_run, tokenizer_for
 from gptforge.model import GPTModel
 from gptforge.tokenizer import EOT_ID, get_tokenizer
 from gptforge.training import Callback, TrainConfig, Trainer, TrainResult
@@ -518,6 +518,7 @@ def train_classifier(
     progress: bool = False,
     base_model: str | None = None,
     data_name: str | None = None,
+    tokenizer=None,
 ) -> ClassifierRun:
     """Fine-tune a model prepared by `prepare_classifier` on `splits`, in `out_dir`.
 
@@ -526,16 +527,20 @@ def train_classifier(
     max_length) and, at the end, the test report to test_metrics.json.
     `resume=True` continues the run saved in `out_dir` (the model must be its
     `load_for_training`). `callbacks` maps trainer events to functions of the
-    trainer; `base_model` names the model the classifier starts from.
+    trainer; `base_model` names the model the classifier starts from. `tokenizer` is
+    the model's (default: the base model's own, found by `loader.tokenizer_for`).
     """
-    check_vocabulary(model.cfg)
+    if tokenizer is None:
+        tokenizer = tokenizer_for(base_model) if base_model else get_tokenizer()
+    if not hasattr(tokenizer, "eos_ids"):  # GPT-2's BPE
+        check_vocabulary(model.cfg)
     labels = list(labels) if labels is not None else splits.label_names()
     context = model.cfg.context_length
-    train = ClassificationDataset(splits.train, labels, max_length, context, what="the training data")
+    train = ClassificationDataset(splits.train, labels, max_length, context, tokenizer, what="the training data")
     length = train.max_length
-    val = ClassificationDataset(splits.val, labels, length, context, what="the validation data") \
+    val = ClassificationDataset(splits.val, labels, length, context, tokenizer, what="the validation data") \
         if splits.val else None
-    test = ClassificationDataset(splits.test, labels, length, context, what="the test data") \
+    test = ClassificationDataset(splits.test, labels, length, context, tokenizer, what="the test data") \
         if splits.test else None
     out = Path(out_dir)
     if not resume:
@@ -592,7 +597,8 @@ class TextClassifier:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "TextClassifier":
         settings = read_classifier_meta(path).classifier
-        return cls(load(path, device=device), settings.labels, settings.pooling, settings.max_length)
+        return cls(load(path, device=device), settings.labels, settings.pooling, settings.max_length,
+                   tokenizer_for(path))
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 8,
                       on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
