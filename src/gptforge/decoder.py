@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gptforge.errors import BadInputError
 from gptforge.families import DecoderConfig
 from gptforge.layers import GatedFeedForward, GroupedQueryAttention, RMSNorm, RotaryEmbedding
-from gptforge.model import KVCache, Positions, causal_mask
+from gptforge.model import KVCache, Positions, causal_mask, check_step_input
 
 
 class TokenEmbedding(nn.Module):
@@ -139,44 +138,8 @@ class DecoderModel(nn.Module):
         return masks
 
     def _check_input(self, idx: torch.Tensor, cache: KVCache | None, positions: Positions | None) -> None:
-        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
-            raise BadInputError(f"expected token ids as an integer tensor of shape (batch, tokens), "
-                                f"got {tuple(idx.shape)} of {idx.dtype}")
-        B, T = idx.shape
-        if cache is None and positions is not None:
-            raise BadInputError("positions need a KV cache: pass cache=model.new_cache(batch_size) too")
-        end = T
-        if cache is not None:
-            L, rows, H, max_len, hd = cache.k.shape
-            if (L, H, hd) != (self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim) or rows != B:
-                raise BadInputError(f"the KV cache has {rows} rows of {L} layers of {H} heads of size {hd}; "
-                                    f"this call needs {B} rows of {self.cfg.n_layers} x {self.cfg.n_kv_heads} "
-                                    f"x {self.cfg.head_dim}: make it with this model's new_cache()")
-            if isinstance(positions, torch.Tensor):
-                if positions.shape != (B,) or positions.dtype not in (torch.long, torch.int32):
-                    raise BadInputError(f"per-row positions must be an integer tensor of shape ({B},), "
-                                        f"got {tuple(positions.shape)} of {positions.dtype}")
-                first, last = (int(positions.min()), int(positions.max())) if B else (0, 0)
-            elif isinstance(positions, int) and not isinstance(positions, bool):
-                first = last = positions
-            else:
-                raise BadInputError(f"with a KV cache, positions must be an int or a ({B},) tensor, "
-                                    f"got {positions!r}")
-            if first < 0:
-                raise BadInputError(f"positions must not be negative, got {first}")
-            end = last + T
-            if end > max_len:
-                raise BadInputError(f"positions up to {end} do not fit a KV cache of {max_len}: make it "
-                                    f"with model.new_cache(batch_size, max_len={end}) or more")
-        if end > self.cfg.context_length:
-            raise BadInputError(f"sequence of {end} tokens is longer than the model's context length "
-                                f"({self.cfg.context_length}); crop the input to the last "
-                                f"{self.cfg.context_length} tokens")
-        if idx.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= self.cfg.vocab_size:
-                raise BadInputError(f"token id {hi if hi >= self.cfg.vocab_size else lo} is outside "
-                                    f"the vocabulary [0, {self.cfg.vocab_size})")
+        check_step_input(idx, cache, positions, self.cfg.context_length, self.cfg.vocab_size,
+                         (self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim))
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch_size` rows of `max_len` positions (at most, and by

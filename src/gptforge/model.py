@@ -275,52 +275,8 @@ class GPTModel(nn.Module):
         return causal_mask(query_positions, length)[:, None]  # (B, 1, T, S): one mask for all heads
 
     def _check_input(self, idx: torch.Tensor, cache: KVCache | None, positions: Positions | None) -> None:
-        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int64):
-            raise BadInputError(f"expected token ids as an integer tensor of shape (batch, tokens), "
-                                f"got {tuple(idx.shape)} of {idx.dtype}")
-        B, T = idx.shape
-        end = T  # one past the last position written
-        if cache is None and positions is not None:
-            raise BadInputError("positions need a KV cache: pass cache=model.new_cache(batch_size) too")
-        if cache is not None:
-            self._check_cache(cache, B)
-            if isinstance(positions, torch.Tensor):
-                if positions.shape != (B,) or positions.dtype not in (torch.long, torch.int32):
-                    raise BadInputError(f"per-row positions must be an integer tensor with one per row, "
-                                     f"shape ({B},), got {tuple(positions.shape)} of {positions.dtype}")
-                if positions.device != idx.device:
-                    raise BadInputError(f"positions are on {positions.device} but the ids on {idx.device}")
-                first, last = (int(positions.min()), int(positions.max())) if B else (0, 0)
-            elif isinstance(positions, int) and not isinstance(positions, bool):
-                first = last = positions
-            else:
-                raise BadInputError(f"with a KV cache, positions must be an int (the first new position "
-                                 f"of every row) or a ({B},) tensor, one per row; got {positions!r}")
-            if first < 0:
-                raise BadInputError(f"positions must not be negative, got {first}")
-            end = last + T
-        if end > self.cfg.context_length:
-            raise BadInputError(f"sequence of {end} tokens is longer than the model's context length "
-                                f"({self.cfg.context_length}); crop the input to the last "
-                                f"{self.cfg.context_length} tokens")
-        if cache is not None and end > cache.max_len:
-            raise BadInputError(f"positions up to {end} do not fit a KV cache of {cache.max_len}: "
-                             f"make it with model.new_cache(batch_size, max_len={end}) or more")
-        if idx.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= self.cfg.vocab_size:
-                raise BadInputError(f"token id {hi if hi >= self.cfg.vocab_size else lo} is outside "
-                                    f"the vocabulary [0, {self.cfg.vocab_size})")
-
-    def _check_cache(self, cache: KVCache, batch_size: int) -> None:
-        L, rows, H, _, hd = cache.k.shape
-        if (L, H, hd) != (self.cfg.n_layers, self.cfg.n_heads, self.cfg.head_dim):
-            raise BadInputError(f"the KV cache has {L} layers of {H} heads of size {hd}, this model "
-                             f"{self.cfg.n_layers} of {self.cfg.n_heads} of {self.cfg.head_dim}: "
-                             f"make it with this model's new_cache()")
-        if rows != batch_size:
-            raise BadInputError(f"the KV cache has {rows} rows but the ids {batch_size}: one row per "
-                             f"sequence (cache.rows(start, end) views some of them)")
+        check_step_input(idx, cache, positions, self.cfg.context_length, self.cfg.vocab_size,
+                         (self.cfg.n_layers, self.cfg.n_heads, self.cfg.head_dim))
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch_size` rows of `max_len` positions (at most, and by
@@ -336,6 +292,57 @@ class GPTModel(nn.Module):
         if include_tied_head and self.cfg.tie_weights:
             n += self.out_head.weight.numel()
         return n
+
+
+def check_step_input(idx: torch.Tensor, cache: KVCache | None, positions: Positions | None,
+                     context_length: int, vocab_size: int, cache_shape: tuple[int, int, int]) -> None:
+    """Refuse ids, a KV cache or positions that a model's forward cannot take, saying why.
+
+    `cache_shape` is the (layers, key/value heads, head size) of the model's cache.
+    Shared by every model class (GPTModel, DecoderModel).
+    """
+    if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int64):
+        raise BadInputError(f"expected token ids as an integer tensor of shape (batch, tokens), "
+                            f"got {tuple(idx.shape)} of {idx.dtype}")
+    B, T = idx.shape
+    end = T  # one past the last position written
+    if cache is None and positions is not None:
+        raise BadInputError("positions need a KV cache: pass cache=model.new_cache(batch_size) too")
+    if cache is not None:
+        L, rows, H, _, hd = cache.k.shape
+        if (L, H, hd) != cache_shape:
+            raise BadInputError(f"the KV cache has {L} layers of {H} heads of size {hd}, this model "
+                                f"{cache_shape[0]} of {cache_shape[1]} of {cache_shape[2]}: "
+                                f"make it with this model's new_cache()")
+        if rows != B:
+            raise BadInputError(f"the KV cache has {rows} rows but the ids {B}: one row per "
+                                f"sequence (cache.rows(start, end) views some of them)")
+        if isinstance(positions, torch.Tensor):
+            if positions.shape != (B,) or positions.dtype not in (torch.long, torch.int32):
+                raise BadInputError(f"per-row positions must be an integer tensor with one per row, "
+                                    f"shape ({B},), got {tuple(positions.shape)} of {positions.dtype}")
+            if positions.device != idx.device:
+                raise BadInputError(f"positions are on {positions.device} but the ids on {idx.device}")
+            first, last = (int(positions.min()), int(positions.max())) if B else (0, 0)
+        elif isinstance(positions, int) and not isinstance(positions, bool):
+            first = last = positions
+        else:
+            raise BadInputError(f"with a KV cache, positions must be an int (the first new position "
+                                f"of every row) or a ({B},) tensor, one per row; got {positions!r}")
+        if first < 0:
+            raise BadInputError(f"positions must not be negative, got {first}")
+        end = last + T
+    if end > context_length:
+        raise BadInputError(f"sequence of {end} tokens is longer than the model's context length "
+                            f"({context_length}); crop the input to the last {context_length} tokens")
+    if cache is not None and end > cache.max_len:
+        raise BadInputError(f"positions up to {end} do not fit a KV cache of {cache.max_len}: "
+                            f"make it with model.new_cache(batch_size, max_len={end}) or more")
+    if idx.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= vocab_size:
+            raise BadInputError(f"token id {hi if hi >= vocab_size else lo} is outside "
+                                f"the vocabulary [0, {vocab_size})")
 
 
 def set_dropout(model: GPTModel, rate: float) -> None:
