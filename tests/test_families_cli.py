@@ -32,16 +32,24 @@ def _tiny_model(family: str, vocab_size: int, out: Path) -> Path:
                  tie_word_embeddings=True)
     if family == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**sizes))
+    elif family == "gemma3":
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **sizes, sliding_window=16, query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"]))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes, rope_theta=500000.0))
     model.save_pretrained(out)
     return out
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama3"])
+# The mirror has no Gemma 3 tokenizer; Gemma 4's (the same SentencePiece family, 262k ids,
+# its own chat template) stands in for it.
+TOKENIZERS = {"qwen3": "qwen3", "llama3": "llama3", "gemma3": "gemma4"}
+
+
+@pytest.fixture(scope="module", params=list(TOKENIZERS))
 def family_dir(request, tokenizer_dir, tmp_path_factory) -> Path:
     """A model directory as the Hub has it: config, safetensors, tokenizer files."""
-    tokens = tokenizer_dir(request.param)
+    tokens = tokenizer_dir(TOKENIZERS[request.param])
     out = tmp_path_factory.mktemp(f"{request.param}-model")
     torch.manual_seed(0)
     _tiny_model(request.param, load_tokenizer(tokens).n_vocab, out)
@@ -83,7 +91,7 @@ def test_chat_renders_the_models_template(family_dir, monkeypatch, capsys):
                                                                       else {}))
     assert chat_prompt(history, "And you?", template, tok) == expected
     marker = template.end_marker
-    assert marker in ("<|im_end|>", "<|eot_id|>")
+    assert marker in ("<|im_end|>", "<|eot_id|>", "<turn|>")
     assert end_ids(tok, template)[0] == tok.encode(marker, allowed_special="all")[0]
     assert set(end_ids(tok, template)) >= set(tok.eos_ids)
 
@@ -172,8 +180,10 @@ def test_classifier_on_a_family_model_uses_its_tokenizer(family_dir, tmp_path, c
     run = tmp_path / "clf"
     assert main(["finetune", "classify", "--model", str(family_dir), "--data", str(data), "--max-steps", "2",
                  "--trainable", "all", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
     assert main(["classify", "--model", str(run), "What a lovely morning"]) == 0
-    assert capsys.readouterr().out.split()[-2] in ("happy", "sad")
+    label, prob, text = capsys.readouterr().out.strip().split("\t")
+    assert label in ("happy", "sad") and 0.0 <= float(prob) <= 1.0 and text == "What a lovely morning"
     from gptforge.finetune.classify import TextClassifier
 
     clf = TextClassifier.load(run)
@@ -184,3 +194,30 @@ def test_classifier_on_a_family_model_uses_its_tokenizer(family_dir, tmp_path, c
 
     ids = ClassificationDataset([(text, "sad")], clf.labels, tokenizer=clf.tokenizer)[0][0].tolist()
     assert ids == tok.encode_ordinary(text)
+
+
+def test_full_finetune_of_a_family_model(family_dir, data_file, tmp_path, capsys):
+    run = tmp_path / "full"
+    assert main(["finetune", "instruct", "--model", str(family_dir), "--data", str(data_file), "--max-steps", "2",
+                 "--batch-size", "4", "--max-test", "0", "--out", str(run), "--no-progress"]) == 0
+    meta = json.loads((run / "gptforge.json").read_text())
+    assert meta["template"] == "chat" and "lora" not in meta
+    before, after = load(family_dir, dtype=torch.float32), load(run, dtype=torch.float32)
+    changed = [n for (n, p), q in zip(before.state_dict().items(), after.state_dict().values())
+               if not torch.equal(p, q)]
+    assert changed  # the weights themselves trained
+    assert main(["ask", "--model", str(run), "Name a colour.", "--max-new-tokens", "3"]) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma3"])
+def test_pretrain_a_family_from_scratch(arch, tmp_path, capsys):
+    run = tmp_path / arch
+    assert main(["pretrain", "--arch", arch, "--n-layers", "2", "--emb-dim", "32", "--n-heads", "4",
+                 "--context-length", "32", "--max-steps", "3", "--out", str(run), "--no-progress"]) == 0
+    meta = json.loads((run / "gptforge.json").read_text())
+    assert meta["model"]["arch"] == arch and meta["model"]["n_kv_heads"] == 1 and meta["model"]["vocab_size"] == 50257
+    assert main(["pretrain", "--resume", str(run), "--max-steps", "5", "--no-progress"]) == 0
+    assert json.loads((run / "gptforge.json").read_text())["step"] == 5
+    capsys.readouterr()
+    assert main(["generate", "--model", str(run), "--prompt", "Every effort", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("Every effort")
