@@ -81,8 +81,10 @@ def config_from_hf(config: dict) -> GPTConfig:
     """
     model_type = config.get("model_type", "gpt2")
     if model_type != "gpt2":
-        raise CheckpointError(f"{CONFIG_NAME} describes a {model_type!r} model; only GPT-2 ('gpt2') "
-                         f"checkpoints can be loaded")
+        from gptforge.pretrained.hf_decoder import MODEL_TYPES
+
+        raise CheckpointError(f"{CONFIG_NAME} describes a {model_type!r} model; gptforge loads the model "
+                              f"types gpt2, {', '.join(MODEL_TYPES)}")
     emb_dim = config.get("n_embd", config.get("hidden_size"))
     problems = []
     if config.get("activation_function", "gelu_new") not in _TANH_GELUS:
