@@ -187,3 +187,16 @@ def tokenizer_dir(tmp_path_factory, fetch) -> Callable[[str], Path]:
         return built[family]
 
     return get
+
+
+def _single_thread():
+    """Tiny models gain nothing from a second thread; on a busy machine it mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# `pytestmark = pytest.mark.usefixtures("one_thread")`: a module's tests on one thread.
+one_thread = pytest.fixture(scope="module")(_single_thread)
+one_thread_each = pytest.fixture(_single_thread)  # the same, set again for every test

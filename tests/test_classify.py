@@ -48,13 +48,7 @@ TINY = ["--init", "gpt2-small", "--n-layers", "1", "--emb-dim", "16", "--n-heads
         "--context-length", "64", "--trainable", "all", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from more threads, and on a busy machine extra threads mostly wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_each")  # tiny models: one thread (conftest)
 
 
 def _fingerprint(splits: TextSplits) -> str:

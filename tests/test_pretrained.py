@@ -302,7 +302,7 @@ def test_hf_checkpoint_missing_a_tensor(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"activation_function": "relu"}, "activation_function='relu'"),
     ({"model_type": "mamba"}, "'mamba' model; gptforge loads the model types gpt2, llama"),
-    ({"model_type": "llama"}, "llama model lacks or garbles 'num_attention_heads'"),  # GPT-2's fields under Llama's name
+    ({"model_type": "llama"}, "llama model lacks or garbles 'num_attention_heads'"),
     ({"n_inner": 100}, "n_inner=100"),
 ])
 def test_unsupported_hf_configs(tmp_path, change, message):
