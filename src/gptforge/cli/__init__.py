@@ -39,7 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
+    _add_threads(parser)
     return parser
+
+
+# Commands that only move files or print what is stored take no --threads.
+NO_COMPUTE: frozenset[str] = frozenset({"download", "info", "report"})
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    """Give every command that computes a `--threads` flag (nested ones such as
+    `finetune classify` too), unless the command defines its own."""
+    from gptforge.cli.common import positive_int
+
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for name, command in action.choices.items():
+            if any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
+                _add_threads(command)
+            elif name not in NO_COMPUTE and "--threads" not in command._option_string_actions:
+                command.add_argument("--threads", type=positive_int, default=None,
+                                     help="CPU threads for PyTorch (default: PyTorch's choice, "
+                                          "one per core)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved_verify = os.environ.get(NO_VERIFY_ENV)
     if args.no_verify:
         os.environ[NO_VERIFY_ENV] = "1"
+    saved_threads = _set_threads(getattr(args, "threads", None))
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
@@ -62,8 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    finally:  # a command run from Python (a test, a notebook) leaves the setting as it found it
+    finally:  # a command run from Python (a test, a notebook) leaves the settings as it found them
+        _set_threads(saved_threads)
         if saved_verify is None:
             os.environ.pop(NO_VERIFY_ENV, None)
         else:
             os.environ[NO_VERIFY_ENV] = saved_verify
+
+
+def _set_threads(threads: int | None) -> int | None:
+    """Set PyTorch's CPU thread count when `threads` is given; return the count it replaced."""
+    if not threads:
+        return None
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return previous

@@ -96,10 +96,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               max_connections=args.max_connections)
     # Clients reach a server bound to a name by that name; an address is allowed anyway.
     hosts = list(args.allow_host) + ([] if _is_loopback(args.host) or _is_address(args.host) else [args.host])
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     api_key = args.api_key or os.environ.get("GPTFORGE_API_KEY") or None
     app = create_app(args.model, args.classifier, api_key, timeout=args.timeout or None,
                      max_body_bytes=args.max_body_bytes, device=args.device,
