@@ -95,6 +95,45 @@ _ENCODER_SIZE = 1042301
 _VOCAB_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 _VOCAB_SIZE = 456318
 
+# Evaluation data sets (gptforge.evaluation), each from the source lm-evaluation-harness, nanoGPT
+# or llm.c read it from. Their publishers give no checksums and gptforge has not yet fetched
+# them from the real URLs, so `sha256` stays None: a download is checked against the server's
+# Content-Length, and every evaluation records the sha256 of the files it read in eval.json.
+# Pin a hash here only after computing it from a real download.
+_ROWANZ = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
+_ARC_ZIP = ("https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip",
+            "https://s3-us-west-2.amazonaws.com/ai2-website/data/ARC-V1-Feb2018.zip")
+_PIQA = "https://yonatanbisk.com/piqa/data"
+_WINOGRANDE_ZIP = ("https://storage.googleapis.com/ai2-mosaic/public/winogrande/winogrande_1.1.zip",)
+_EVAL_RESOURCES: tuple[Resource, ...] = (
+    Resource(name="hellaswag-val", urls=(f"{_ROWANZ}/hellaswag_val.jsonl",),
+             path="eval/hellaswag/hellaswag_val.jsonl"),
+    Resource(name="hellaswag-train", urls=(f"{_ROWANZ}/hellaswag_train.jsonl",),
+             path="eval/hellaswag/hellaswag_train.jsonl"),
+    # One zip (about 680 MB, mostly the ARC corpus) holds every split of both ARC sets.
+    *(
+        Resource(name=f"arc-{level.lower()}-{split.lower()}", urls=_ARC_ZIP, path="eval/arc/ARC-V1-Feb2018.zip",
+                 member=f"ARC-V1-Feb2018-2/ARC-{level}/ARC-{level}-{split}.jsonl")
+        for level in ("Easy", "Challenge") for split in ("Test", "Train")
+    ),
+    *(
+        Resource(name=f"piqa-{split}{suffix.replace('.lst', '').replace('.jsonl', '')}",
+                 urls=(f"{_PIQA}/{split}{suffix}",), path=f"eval/piqa/{split}{suffix}")
+        for split in ("valid", "train") for suffix in (".jsonl", "-labels.lst")
+    ),
+    Resource(name="winogrande-dev", urls=_WINOGRANDE_ZIP, path="eval/winogrande/winogrande_1.1.zip",
+             member="winogrande_1.1/dev.jsonl"),
+    Resource(name="winogrande-train-xl", urls=_WINOGRANDE_ZIP, path="eval/winogrande/winogrande_1.1.zip",
+             member="winogrande_1.1/train_xl.jsonl"),
+    # OpenAI's LAMBADA test set as the GPT-2 paper used it (lm-eval's lambada_openai).
+    Resource(name="lambada-openai-test",
+             urls=("https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
+                   "https://storage.googleapis.com/gpt-2/data/lambada_test.jsonl"),
+             path="eval/lambada/lambada_test.jsonl"),
+    Resource(name="mmlu-data", urls=("https://people.eecs.berkeley.edu/~hendrycks/data.tar",),
+             path="eval/mmlu/data.tar"),
+)
+
 RESOURCES: dict[str, Resource] = {
     r.name: r
     for r in (
@@ -208,6 +247,7 @@ RESOURCES: dict[str, Resource] = {
                  "78d976a442bcde2f0be15aafbb8e3050e1104f86732266f68403251b89982a90"),
             )
         ),
+        *_EVAL_RESOURCES,
     )
 }
 

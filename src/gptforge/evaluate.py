@@ -1,4 +1,13 @@
-"""Mean cross-entropy and perplexity of a model over a text."""
+"""Mean cross-entropy, perplexity and bits per byte of a model over a text.
+
+Bits per byte divides the summed cross-entropy by the size of what was predicted, so models
+with different tokenizers (GPT-2's 50,257 ids, Qwen's 151,669) compare on the same footing:
+bits_per_byte = sum of cross-entropy (nats) over the predicted tokens / (UTF-8 bytes of
+those predicted tokens x ln 2). The bytes counted are exactly those of the tokens scored as
+targets: each window's inputs are predicted from the token before them, so the text's first
+token and the tail too short for a last whole window are left out of both sums. A special
+token predicted as a target (`<|endoftext|>` between documents) counts the bytes of its text.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +28,9 @@ def evaluate_text(model: GPTModel, texts: Sequence[str | os.PathLike], context_l
                   batch_size: int = 4, progress: bool = False, tokenizer=None) -> dict[str, float]:
     """Score every token of the texts (files, directories, globs) once, in non-overlapping windows.
 
-    Returns the mean cross-entropy per predicted token (nats), its perplexity, and the
-    number of tokens scored. `tokenizer` is the model's (default: GPT-2's BPE).
+    Returns the mean cross-entropy per predicted token (nats), its perplexity, the number
+    of tokens scored, the UTF-8 bytes of those tokens and bits per byte (see the module
+    docstring). `tokenizer` is the model's (default: GPT-2's BPE).
     """
     what = f"the text of {', '.join(map(str, texts))}"
     return evaluate_string(model, read_texts(texts), context_length, batch_size, progress, what=what,
@@ -52,6 +62,7 @@ def evaluate_string(model: GPTModel, text: str, context_length: int | None = Non
     device = model.emb.tok.weight.device
     model.eval()
     total, count = 0.0, 0
+    seen = torch.zeros(model.cfg.vocab_size, dtype=torch.long)  # how often each id was a target
     starts = range(0, len(data), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -64,5 +75,18 @@ def evaluate_string(model: GPTModel, text: str, context_length: int | None = Non
         logits = model(inputs).float()
         total += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
         count += targets.numel()
+        seen += torch.bincount(targets.flatten().cpu(), minlength=seen.numel())
+    n_bytes = _target_bytes(seen, tokenizer)
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "bytes": n_bytes,
+            "bits_per_byte": total / (n_bytes * math.log(2))}
+
+
+def _target_bytes(counts: torch.Tensor, tokenizer) -> int:
+    """UTF-8 bytes of the target tokens, from how often each id occurred: each id's bytes once."""
+    if tokenizer is None:
+        from gptforge.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer()
+    ids = torch.nonzero(counts).flatten().tolist()
+    return sum(int(counts[i]) * len(tokenizer.decode_single_token_bytes(i)) for i in ids)

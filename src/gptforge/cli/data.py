@@ -1,4 +1,4 @@
-"""`gptforge prepare` (a corpus into a token file) and `gptforge evaluate` (loss on a text)."""
+"""`gptforge prepare` (a corpus into a token file) and `gptforge evaluate` (loss and bits per byte on a text)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def add_commands(sub) -> None:
                    help="tokenizer threads (default: every core)")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("evaluate", help="cross-entropy and perplexity of a model on a text")
+    p = sub.add_parser("evaluate", help="cross-entropy, perplexity and bits per byte of a model on a text")
     p.add_argument("--model", required=True)
     p.add_argument("--text", nargs="+", required=True, help="files, directories or globs")
     p.add_argument("--context-length", type=positive_int, default=None,
