@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gptforge.cli.classify",
     "gptforge.cli.instruct",
     "gptforge.cli.serve",
+    "gptforge.cli.eval",
 )
 
 
