@@ -350,3 +350,41 @@ def test_decoder_families_with_their_own_tokenizer(arch, tokenizer_dir):
         cont_ids = tokenizer.encode_ordinary(ctx + cont)[len(ctx_ids):]
         assert score.logprob == pytest.approx(
             plain_loglikelihood(model, [tokenizer.bos_id] + ctx_ids, cont_ids)[0], abs=1e-3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3"])
+def test_loglikelihoods_equal_lm_evaluation_harness(family, tokenizer_dir, tmp_path):
+    """lm-evaluation-harness's own HFLM, on a tiny random transformers model, gives the same
+    log-likelihoods and greedy flags as gptforge on that model loaded through gptforge.load
+    (trailing spaces moved, an empty context, Llama's BOS)."""
+    pytest.importorskip("lm_eval")
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from gptforge import load
+    from gptforge.loader import tokenizer_for
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=50257))
+    else:
+        vocab = json.loads((tokenizer_dir("llama3") / "tokenizer.json").read_text())["model"]["vocab"]
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=len(vocab) + 256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
+    out = tmp_path / "tiny-hf"
+    hf.save_pretrained(out)
+    for file in tokenizer_dir(family).iterdir():
+        shutil.copy(file, out / file.name)
+    requests = [("The capital of France is", " Paris"), ("The capital of France is ", "a small green frog"),
+                ("Water is", " made of cheese and café crème"), ("", " hello there"),
+                ("Question: two plus two?\nAnswer:", " four")]
+    lm = HFLM(pretrained=str(out), batch_size=4, device="cpu", dtype="float32")
+    reference = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+    ours = score_requests(load(out, dtype=torch.float32), tokenizer_for(out), requests, batch_size=3)
+    assert [s.logprob for s in ours] == pytest.approx([ll for ll, _ in reference], abs=1e-4)
+    assert [s.greedy for s in ours] == [g for _, g in reference]
