@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
@@ -49,6 +49,7 @@ from gptforge.checkpoint import RunMeta
 from gptforge.errors import BadInputError
 from gptforge.model import GPTModel
 from gptforge.serve.engine import Engine, Event, SamplingParams
+from gptforge.serve.logprobs import MAX_LOGPROBS, TokenLogprob, openai_logprobs, score, score_batches, text_end
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ CHAT_STOPS: dict[str, tuple[str, ...]] = {
     "phi3": ("<|user|>", "<|assistant|>", "<|end|>"),
 }
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_PROMPTS = 256  # prompts in one completions request (one choice each)
+# One step of a scoring job (echo with max_tokens 0): prompts x padded length.
+SCORE_BATCH_TOKENS = 2048
 DISCONNECT_CHECK_S = 0.25  # how often a non-streamed request checks that its client is still there
 # Host header names every server answers to; `allowed_hosts` adds more.
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -130,6 +134,19 @@ class ChatMessage(BaseModel):
 class ChatRequest(_SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    tokens: list[int]
 
 
 class ClassifyRequest(BaseModel):
@@ -362,11 +379,10 @@ def _load_language_model(source: str | os.PathLike | GPTModel,
 # turning requests into engine work
 
 def _sampling(body: _SamplingRequest, max_tokens: int | None, default_max_tokens: int,
-              extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+              extra_stop: tuple[str, ...] = (), logprobs: int | None = None,
+              prompt_logprobs: bool = False) -> SamplingParams:
     if body.n not in (None, 1):
         raise APIError(400, f"Only n=1 is supported, got n={body.n}.", param="n")
-    if body.logprobs not in (None, False, 0):
-        raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
     temperature = 1.0 if body.temperature is None else body.temperature
     if not math.isfinite(temperature) or temperature < 0:
         raise APIError(400, f"temperature must be a number >= 0 (0 means greedy), got "
@@ -386,7 +402,19 @@ def _sampling(body: _SamplingRequest, max_tokens: int | None, default_max_tokens
                        param="stop")
     return SamplingParams(max_tokens=max_tokens or default_max_tokens, temperature=temperature,
                           top_k=body.top_k, top_p=body.top_p, stop=tuple(stop) + extra_stop,
-                          seed=body.seed)
+                          seed=body.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def _logprobs_count(body: CompletionRequest) -> int | None:
+    """How many alternatives a completion wants listed per token; None: no logprobs."""
+    value = body.logprobs
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+        raise APIError(400, f"logprobs must be a whole number from 0 to {MAX_LOGPROBS}: how many of "
+                            f"the most likely tokens to list at each position, got {value!r}.",
+                       param="logprobs")
+    return value
 
 
 def _check_length(prompt: list[int], context_length: int, param: str) -> None:
@@ -396,25 +424,70 @@ def _check_length(prompt: list[int], context_length: int, param: str) -> None:
                        param=param, code="context_length_exceeded")
 
 
-def _completion_prompt(body: CompletionRequest, served: ServedModels) -> list[int]:
+@dataclass(frozen=True)
+class _Prompt:
+    """One prompt of a completion request: its token ids and the text `echo` repeats."""
+
+    ids: list[int]
+    text: str
+
+
+def _completion_prompts(body: CompletionRequest, served: ServedModels) -> list[_Prompt]:
+    """The request's prompts: a text, token ids, or a list of either (one choice each)."""
     from gptforge.tokenizer import EOT_ID, text_to_ids
 
-    if body.echo:
-        raise APIError(400, "echo is not supported by this server.", param="echo")
-    prompt: Any = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(400, f"Send one prompt per request (got {len(prompt)}).", param="prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = text_to_ids(prompt, served.tokenizer)
-    else:
-        ids = list(prompt)
-        vocab = served.model.cfg.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"Token ids must be in [0, {vocab}).", param="prompt")
-    # An empty prompt starts from the start token: <|endoftext|> for GPT-2, as it was trained.
-    return ids or [getattr(served.tokenizer, "bos_id", None) or EOT_ID]
+    prompts: Any = body.prompt
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise APIError(400, "prompt is an empty list: give a text, token ids, or a list of them.",
+                       param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(413, f"This request has {len(prompts)} prompts; this server takes at most "
+                            f"{MAX_PROMPTS} per request. Send them in smaller requests.",
+                       param="prompt", code="too_many_prompts")
+    vocab = served.model.cfg.vocab_size
+    start = getattr(served.tokenizer, "bos_id", None) or EOT_ID
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            ids = text_to_ids(prompt, served.tokenizer)
+        else:
+            ids = list(prompt)
+            if any(not 0 <= t < vocab for t in ids):
+                where = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
+                raise APIError(400, f"Token ids must be in [0, {vocab}) ({where}).", param="prompt")
+        # An empty prompt starts from the start token: <|endoftext|> for GPT-2, as it was trained.
+        text = prompt if isinstance(prompt, str) else served.tokenizer.decode(ids)
+        out.append(_Prompt(ids or [start], text))
+    return out
+
+
+def _tokenizer_info(served: ServedModels) -> dict[str, Any]:
+    """What vLLM's /tokenizer_info tells of the tokenizer: its special tokens, chat template
+    and the longest input."""
+    from gptforge.tokenizer import ENDOFTEXT
+
+    tokenizer = served.tokenizer
+    if hasattr(tokenizer, "special_tokens_map"):  # a Hugging Face tokenizer (HFTokenizer)
+        eos, bos = tokenizer.eos_token, tokenizer.bos_token
+        pad = tokenizer.special_tokens_map.get("pad_token")
+        template = tokenizer.chat_template
+    else:  # GPT-2's BPE: <|endoftext|> is all of them, as in transformers' GPT-2 tokenizer
+        eos = bos = ENDOFTEXT
+        pad, template = None, None
+    return {"tokenizer_class": type(tokenizer).__name__, "eos_token": eos, "bos_token": bos,
+            "pad_token": pad, "chat_template": template, "model_max_length": served.context_length}
+
+
+def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """`text`'s token ids, special tokens written in it recognised; with `add_special_tokens`
+    as a whole model input (the model's BOS first, where it has one)."""
+    from gptforge.tokenizer import text_to_ids
+
+    if add_special_tokens:
+        return text_to_ids(text, tokenizer)
+    return tokenizer.encode(text, allowed_special="all")
 
 
 def _chat_prompt(body: ChatRequest, served: ServedModels) -> list[int]:
@@ -438,47 +511,54 @@ def _chat_prompt(body: ChatRequest, served: ServedModels) -> list[int]:
     return text_to_ids(text, served.tokenizer)
 
 
-async def _events(request: Request, served: ServedModels, prompt: list[int], params: SamplingParams,
-                  watch_disconnect: bool) -> AsyncIterator[Event]:
-    """Run a generation on the engine and yield its events until it finishes.
+async def _events(request: Request, served: ServedModels, prompts: list[list[int]],
+                  params: SamplingParams, watch_disconnect: bool) -> AsyncIterator[tuple[int, Event]]:
+    """Run a generation on the engine for each prompt and yield (prompt's index, event)
+    until all have finished.
 
     Leaving early (the client went away, or this task was cancelled) cancels the
-    generation, so the engine stops spending steps on it.
+    generations, so the engine stops spending steps on them.
     """
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Event] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+    gens = []
     try:
-        gen = served.engine.submit(prompt, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e),
-                                   served.timeout)
-    except ValueError as err:
-        raise APIError(400, str(err)) from None
-    try:
+        for i, prompt in enumerate(prompts):
+            def on_event(event: Event, i: int = i) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+
+            try:
+                gens.append(served.engine.submit(prompt, params, on_event, served.timeout))
+            except ValueError as err:
+                raise APIError(400, str(err)) from None
+        running = len(gens)
         next_check = loop.time() + DISCONNECT_CHECK_S
-        while True:
+        while running:
             if not watch_disconnect:
                 # A streaming response learns of a disconnect from Starlette, which cancels us.
-                event = await queue.get()
+                item = await queue.get()
             else:  # a plain response has to ask, every DISCONNECT_CHECK_S
                 try:
-                    event = await asyncio.wait_for(queue.get(), max(0.0, next_check - loop.time()))
+                    item = await asyncio.wait_for(queue.get(), max(0.0, next_check - loop.time()))
                 except asyncio.TimeoutError:
-                    event = None
+                    item = None
                 if loop.time() >= next_check:
                     if await request.is_disconnected():
                         return
                     next_check = loop.time() + DISCONNECT_CHECK_S
-                if event is None:
+                if item is None:
                     continue
-            yield event
-            if event.finish_reason is not None:
-                return
+            yield item
+            if item[1].finish_reason is not None:
+                running -= 1
     finally:
-        gen.cancel()
+        for gen in gens:
+            gen.cancel()
 
 
-def _usage(prompt: list[int], completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
-            "total_tokens": len(prompt) + completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _timeout_error(timeout: float | None, advice: str) -> APIError:
@@ -498,63 +578,170 @@ def _sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _respond(request: Request, served: ServedModels, prompt: list[int], params: SamplingParams,
-                   stream: bool, include_usage: bool, chat: bool) -> Any:
-    """The whole answer as one JSON object, or a stream of chunks ending in `data: [DONE]`."""
+@dataclass
+class _Choice:
+    """One choice of an answer as it is put together: the prompt it continues, the text
+    and logprobs so far, the last event."""
+
+    prompt: _Prompt
+    echo: bool = False
+    pieces: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+    last: Event | None = None
+    sent_chars: int = 0  # streaming: characters of the choice's tokens sent so far
+
+    def add(self, event: Event) -> None:
+        self.pieces.append(event.text)
+        self.logprobs += event.logprobs
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
+        self.last = event
+
+    @property
+    def text(self) -> str:
+        return (self.prompt.text if self.echo else "") + "".join(self.pieces)
+
+    def logprobs_object(self, tokenizer) -> dict[str, Any]:
+        """OpenAI's logprobs of the whole choice: the echoed prompt's, then the tokens generated."""
+        entries = [*(self.prompt_logprobs if self.echo else ()), *self.logprobs]
+        tokens = [*(self.prompt.ids if self.echo else ()), *(e.token for e in self.logprobs)]
+        return openai_logprobs(tokenizer, entries, tokens, 0, len(self.text))
+
+
+def _completion_choice(served: ServedModels, index: int, choice: _Choice,
+                       logprobs: int | None) -> dict[str, Any]:
+    return {"index": index, "text": choice.text, "finish_reason": choice.last.finish_reason,
+            "logprobs": None if logprobs is None else choice.logprobs_object(served.tokenizer)}
+
+
+def _head(served: ServedModels, chat: bool) -> dict[str, Any]:
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created = int(time.time())
-    head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
-            "created": created, "model": served.model_id}
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": served.model_id}
+
+
+async def _respond(request: Request, served: ServedModels, prompts: list[_Prompt], params: SamplingParams,
+                   stream: bool, include_usage: bool, chat: bool, echo: bool = False) -> Any:
+    """The whole answer as one JSON object, or a stream of chunks ending in `data: [DONE]`:
+    one choice per prompt (chat: one prompt), in the prompts' order."""
+    head = _head(served, chat)
+    ids = [p.ids for p in prompts]
+    prompt_tokens = sum(len(p) for p in ids)
+    choices = [_Choice(p, echo) for p in prompts]
 
     if not stream:
-        pieces, last = [], Event()
-        async for event in _events(request, served, prompt, params, watch_disconnect=True):
-            pieces.append(event.text)
-            last = event
-        if last.finish_reason is None:  # the client left; nobody reads this answer
-            return JSONResponse({}, status_code=499)
-        failure = _failure(last, served.timeout)
-        if failure:
-            raise failure
-        text = "".join(pieces)
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason}
+        async for i, event in _events(request, served, ids, params, watch_disconnect=True):
+            choices[i].add(event)
+        if any(c.last is None or c.last.finish_reason is None for c in choices):
+            return JSONResponse({}, status_code=499)  # the client left; nobody reads this answer
+        for c in choices:
+            failure = _failure(c.last, served.timeout)
+            if failure:
+                raise failure
+        usage = _usage(prompt_tokens, sum(c.last.completion_tokens for c in choices))
         if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {**head, "choices": [choice], "usage": _usage(prompt, last.completion_tokens)}
+            choice = {"index": 0, "message": {"role": "assistant", "content": choices[0].text},
+                      "logprobs": None, "finish_reason": choices[0].last.finish_reason}
+            return {**head, "choices": [choice], "usage": usage}
+        return {**head, "choices": [_completion_choice(served, i, c, params.logprobs)
+                                    for i, c in enumerate(choices)], "usage": usage}
 
     head["object"] = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+    def chunk(i: int, text: str | None, finish_reason: str | None = None, role: bool = False,
+              logprobs: Any = None) -> str:
         if chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return _sse({**head, "choices": [choice]})
+
+    def chunk_logprobs(c: _Choice, event: Event) -> dict[str, Any] | None:
+        """The logprobs of the tokens this event brings (with the echoed prompt's, first)."""
+        if params.logprobs is None:
+            return None
+        entries, tokens = list(event.logprobs), [e.token for e in event.logprobs]
+        if echo and event.prompt_logprobs is not None:
+            entries, tokens = [*event.prompt_logprobs, *entries], [*c.prompt.ids, *tokens]
+        out = openai_logprobs(served.tokenizer, entries, tokens, c.sent_chars)
+        if tokens:
+            c.sent_chars = text_end(served.tokenizer, tokens, c.sent_chars)
+        return out
 
     async def body() -> AsyncIterator[str]:
         if chat:
-            yield chunk("", role=True)
-        async for event in _events(request, served, prompt, params, watch_disconnect=False):
-            if event.text:
-                yield chunk(event.text)
+            yield chunk(0, "", role=True)
+        echoed = [False] * len(choices)
+        completion_tokens = 0
+        async for i, event in _events(request, served, ids, params, watch_disconnect=False):
+            c = choices[i]
+            text = event.text
+            if echo and not echoed[i]:
+                text, echoed[i] = c.prompt.text + text, True
+            logprobs = chunk_logprobs(c, event)
+            if text or (logprobs and logprobs["tokens"]):
+                yield chunk(i, text, logprobs=logprobs)
             if event.finish_reason is None:
                 continue
             failure = _failure(event, served.timeout)
             if failure:
                 yield _sse(failure.body())
-            else:
-                yield chunk(None, event.finish_reason)
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(prompt, event.completion_tokens)})
-            yield _sse("[DONE]")
+                yield _sse("[DONE]")
+                return
+            completion_tokens += event.completion_tokens
+            yield chunk(i, None, event.finish_reason)
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield _sse("[DONE]")
 
-    return StreamingResponse(body(), media_type="text/event-stream",
+    return _event_stream(body())
+
+
+def _event_stream(body: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _score(request: Request, served: ServedModels, prompts: list[_Prompt], logprobs: int | None,
+                 stream: bool, include_usage: bool) -> Any:
+    """A completion with echo and max_tokens 0: the prompts themselves and, with `logprobs`,
+    their tokens' log-probabilities, from one forward pass per batch of prompts (an
+    engine job, so streams go on meanwhile); no generation."""
+    head = _head(served, chat=False)
+    choices = [_Choice(p, echo=True, last=Event(finish_reason="length")) for p in prompts]
+    if logprobs is not None:
+        ids = [p.ids for p in prompts]
+        steps = [partial(score, served.model, ids[a:b], logprobs)
+                 for a, b in score_batches([len(p) for p in ids], SCORE_BATCH_TOKENS)]
+        future = served.engine.run_in_turns(steps, served.timeout)
+        try:
+            finished, parts = await _job_result(request, future)
+        except TimeoutError:
+            raise _timeout_error(served.timeout, "send fewer or shorter prompts per request") from None
+        except Exception as err:
+            raise APIError(500, f"Scoring failed: {type(err).__name__}: {err}",
+                           type="server_error") from None
+        if not finished:  # the client left; nobody reads this answer
+            return JSONResponse({}, status_code=499)
+        for c, scored in zip(choices, (row for part in parts for row in part)):
+            c.prompt_logprobs = (None, *scored)
+    answers = [_completion_choice(served, i, c, logprobs) for i, c in enumerate(choices)]
+    usage = _usage(sum(len(p.ids) for p in prompts), 0)
+    if not stream:
+        return {**head, "choices": answers, "usage": usage}
+
+    async def body() -> AsyncIterator[str]:
+        for answer in answers:
+            yield _sse({**head, "choices": [answer]})
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": usage})
+        yield _sse("[DONE]")
+
+    return _event_stream(body())
 
 
 def _classify_lengths(classifier, texts: list[str]) -> list[int]:
@@ -720,23 +907,54 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         served.check_model(body.model, served.model_id)
-        params = _sampling(body, body.max_tokens, COMPLETION_MAX_TOKENS)
-        prompt = await asyncio.to_thread(_completion_prompt, body, served)  # a long text takes a while
-        _check_length(prompt, served.context_length, "prompt")
-        return await _respond(request, served, prompt, params, bool(body.stream),
-                              bool((body.stream_options or {}).get("include_usage")), chat=False)
+        logprobs, echo = _logprobs_count(body), bool(body.echo)
+        scoring = body.max_tokens == 0
+        if scoring and not echo:
+            raise APIError(400, "max_tokens must be at least 1; 0 only scores the prompt, which "
+                                "needs echo: true.", param="max_tokens")
+        params = _sampling(body, 1 if scoring else body.max_tokens, COMPLETION_MAX_TOKENS,
+                           logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+        prompts = await asyncio.to_thread(_completion_prompts, body, served)  # a long text takes a while
+        for prompt in prompts:
+            _check_length(prompt.ids, served.context_length, "prompt")
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        if scoring:
+            return await _score(request, served, prompts, logprobs, bool(body.stream), include_usage)
+        return await _respond(request, served, prompts, params, bool(body.stream), include_usage,
+                              chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         served.check_model(body.model, served.model_id)
+        if body.logprobs not in (None, False):
+            raise APIError(400, "logprobs are not supported for chat by this server; "
+                                "/v1/completions has them.", param="logprobs")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         # Without max_tokens a chat answer may fill the rest of the context (the engine stops there).
         params = _sampling(body, max_tokens, served.context_length,
                            CHAT_STOPS.get(served.template.name, ()))  # a chat template stops at end-of-turn ids
         prompt = await asyncio.to_thread(_chat_prompt, body, served)
         _check_length(prompt, served.context_length, "messages")
-        return await _respond(request, served, prompt, params, bool(body.stream),
+        return await _respond(request, served, [_Prompt(prompt, "")], params, bool(body.stream),
                               bool((body.stream_options or {}).get("include_usage")), chat=True)
+
+    # vLLM's tokenizer endpoints, so clients such as lm-evaluation-harness
+    # (tokenizer_backend=remote) tokenize exactly as the served model does.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return _tokenizer_info(served)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        tokens = await asyncio.to_thread(_tokenize, served.tokenizer, body.prompt, body.add_special_tokens)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": served.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        vocab = served.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"Token ids must be in [0, {vocab}).", param="tokens")
+        return {"prompt": served.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request) -> Any:

@@ -17,6 +17,11 @@ turn, so a large job delays each stream's next token by one small step, never by
 the whole job. Jobs have deadlines and can be cancelled between steps, like
 generations.
 
+A request may ask for the log-probabilities of the tokens it generates
+(`SamplingParams.logprobs`) and of its prompt's own tokens (`prompt_logprobs`): the
+prompt's come from the same prefill pass that starts its generation, its logits
+kept at every position instead of the last only.
+
 `TextStream` turns a request's token ids into text and cuts it at the first stop
 sequence.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import codecs
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -37,13 +43,23 @@ import torch
 from gptforge.errors import BadInputError
 from gptforge.generate import check_sampling, sample, stop_set, use_decode_layout
 from gptforge.model import GPTModel, KVCache
+from gptforge.serve.logprobs import MAX_LOGPROBS, TokenLogprob, token_logprobs
 
 log = logging.getLogger(__name__)
+
+# A prefill that keeps the logits of every prompt position (for prompt_logprobs) holds
+# (prompts x padded length x vocabulary) floats: at most this many positions per call.
+PROMPT_LOGPROBS_TOKENS = 2048
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded: temperature 0 is greedy, `stop` ends at any of those texts."""
+    """How one request is decoded: temperature 0 is greedy, `stop` ends at any of those texts.
+
+    `logprobs`: report each generated token's log-probability with that many of the
+    most likely alternatives (None: none); `prompt_logprobs`: also those of the
+    prompt's tokens after the first.
+    """
 
     max_tokens: int
     temperature: float = 1.0
@@ -51,11 +67,17 @@ class SamplingParams:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise BadInputError(f"max_tokens must be at least 1, got {self.max_tokens}")
         check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise BadInputError(f"logprobs must be from 0 to {MAX_LOGPROBS}, got {self.logprobs}")
+        if self.prompt_logprobs and self.logprobs is None:
+            raise BadInputError("prompt_logprobs needs logprobs (how many alternatives to list)")
 
 
 @dataclass(frozen=True)
@@ -64,13 +86,18 @@ class Event:
 
     `finish_reason` is None while generating, then "stop" (end-of-text token or a
     stop sequence), "length" (max_tokens or the context is full), "timeout" or
-    "error" (with `error` saying what went wrong).
+    "error" (with `error` saying what went wrong). With logprobs asked for, `logprobs`
+    holds those of the tokens generated since the previous event (text can lag the
+    tokens: it is held back at a possible stop sequence), and the first event holds
+    `prompt_logprobs`, one per prompt token, None for the first.
     """
 
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 class TextStream:
@@ -141,6 +168,8 @@ class Generation:
     generated: int = 0
     cached: int = 0  # positions of this request in its row of the engine's KV cache
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent in an event
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # until sent
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -412,16 +441,43 @@ class Engine:
         return True
 
     def _emit(self, gen: Generation, event: Event) -> None:
+        if gen.logprobs or gen.prompt_logprobs is not None:  # they go with the next event
+            event = dataclasses.replace(event, logprobs=tuple(gen.logprobs),
+                                        prompt_logprobs=gen.prompt_logprobs)
+            gen.logprobs, gen.prompt_logprobs = [], None
         try:
             gen.on_event(event)
         except Exception:  # the receiver is gone (e.g. its event loop closed)
             log.debug("dropping a generation whose receiver failed", exc_info=True)
             gen.cancel()
 
-    @torch.inference_mode()
     def _prefill(self, group: list[Generation]) -> list[int]:
-        """Run the prompts of newly admitted requests, right-padded, in one call on the
-        cache rows after those in use; sample each request's first token."""
+        """Run the prompts of newly admitted requests on the cache rows after those in use
+        and sample each request's first token: those that want their prompt's logprobs
+        in calls of their own (at most PROMPT_LOGPROBS_TOKENS positions each), the others
+        all in one call."""
+        plain = [gen for gen in group if not gen.params.prompt_logprobs]
+        scored = [gen for gen in group if gen.params.prompt_logprobs]
+        parts = [plain] if plain else []
+        lengths = [len(gen.prompt) for gen in scored]
+        width, start = 0, 0
+        for i, n in enumerate(lengths):  # split in order, by padded size
+            if i > start and (i - start + 1) * max(width, n) > PROMPT_LOGPROBS_TOKENS:
+                parts.append(scored[start:i])
+                start, width = i, 0
+            width = max(width, n)
+        if scored:
+            parts.append(scored[start:])
+        first: dict[Generation, int] = {}
+        for part in parts:
+            first.update(zip(part, self._prefill_part(part)))
+        return [first[gen] for gen in group]
+
+    @torch.inference_mode()
+    def _prefill_part(self, group: list[Generation]) -> list[int]:
+        """Run these prompts, right-padded, in one call on the next free cache rows; the
+        logits at every position when they want their prompt's logprobs, else only each
+        prompt's last."""
         model = self.model
         start, lengths = len(self._rows), [len(gen.prompt) for gen in group]
         self._reserve(start + len(group))
@@ -431,8 +487,16 @@ class Engine:
         ids = torch.tensor([gen.prompt + [0] * (width - len(gen.prompt)) for gen in group],
                            device=device)  # (n, T): padding sits after each prompt, unseen by it
         last = torch.tensor(lengths, device=device) - 1  # each prompt's last token
-        logits = model(ids, self._cache.rows(start, start + len(group)), positions=0,
-                       logits_at=last)[:, 0]  # (n, V)
+        rows = self._cache.rows(start, start + len(group))
+        if group[0].params.prompt_logprobs:  # then all of them do
+            every = model(ids, rows, positions=0)  # (n, T, V)
+            for row, gen in enumerate(group):
+                n = len(gen.prompt)
+                gen.prompt_logprobs = (None, *token_logprobs(every[row, :n - 1], ids[row, 1:n],
+                                                             gen.params.logprobs))
+            logits = every[torch.arange(len(group), device=device), last]  # (n, V)
+        else:
+            logits = model(ids, rows, positions=0, logits_at=last)[:, 0]  # (n, V)
         tokens = self._sample(group, logits)
         for gen in group:
             gen.cached = len(gen.prompt)
@@ -471,7 +535,10 @@ class Engine:
         tokens = []
         for row, gen in enumerate(group):
             p = gen.params
-            token = int(sample(logits[row:row + 1], p.temperature, p.top_k, p.top_p, gen.generator)[0])
+            token = sample(logits[row:row + 1], p.temperature, p.top_k, p.top_p, gen.generator)  # (1,)
+            if p.logprobs is not None:
+                gen.logprobs += token_logprobs(logits[row:row + 1], token, p.logprobs)
+            token = int(token[0])
             gen.tokens.append(token)
             tokens.append(token)
         return tokens
