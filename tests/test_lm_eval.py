@@ -166,3 +166,15 @@ def test_the_server_scores_what_lm_eval_expects(url, setup):
     scored = httpx.post(f"{url}/v1/completions", json={**payload, "max_tokens": 0}, timeout=60).json()
     assert ll == pytest.approx(sum(scored["choices"][0]["logprobs"]["token_logprobs"][len(context):]),
                                abs=1e-5)
+
+
+def test_gptforge_eval_gives_the_same_accuracy(setup, hf_results, tmp_path):
+    """`gptforge eval --tasks file.jsonl` on the gptforge model: lm-eval's accuracy (the
+    served model's equals it, above)."""
+    pytest.importorskip("gptforge.evaluation")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(setup["lm"]), "--tasks", str(setup["data"]), "--out", str(out)]) == 0
+    results = json.loads((out / "eval.json").read_text())["results"]
+    acc = next(r for r in results if r["metric"] == "acc")
+    assert acc["n"] == len(QUESTIONS)
+    assert acc["value"] == pytest.approx(hf_results["results"]["tiny_mc"]["acc,none"], abs=1e-9)
