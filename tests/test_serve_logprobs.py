@@ -264,3 +264,55 @@ def test_openai_client_scores_a_prompt(url, lm):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny-lm", prompt=prompt, logprobs=MAX_LOGPROBS + 1)
     assert err.value.body["param"] == "logprobs"
+
+
+# ------------------------------------------------------------------------------------
+# a model of another family, with its own tokenizer
+
+@pytest.fixture(scope="module")
+def llama_dir(tokenizer_dir, tmp_path_factory):
+    """A tiny random Llama 3 model with Llama 3's real tokenizer, as the Hub lays it out."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    tokens = tokenizer_dir("llama3")
+    out = tmp_path_factory.mktemp("llama-model")
+    torch.manual_seed(0)
+    vocab = transformers.AutoTokenizer.from_pretrained(tokens).__len__()
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=8, max_position_embeddings=256, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(out)
+    for file in tokens.iterdir():
+        shutil.copy(file, out / file.name)
+    return out
+
+
+def test_a_llama_model_scores_as_transformers_does(llama_dir):
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    text = "Hello there, how are you?"
+    with background_server(create_app(str(llama_dir), model_id="llama")) as base:
+        info = httpx.get(f"{base}/tokenizer_info").json()
+        assert info["eos_token"] == hf_tok.eos_token and info["bos_token"] == hf_tok.bos_token
+        assert info["chat_template"] and info["model_max_length"] == 256
+        with_bos = httpx.post(f"{base}/tokenize", json={"prompt": text}).json()
+        assert with_bos["tokens"] == hf_tok(text).input_ids and with_bos["count"] == len(with_bos["tokens"])
+        bare = httpx.post(f"{base}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+        assert bare["tokens"] == hf_tok(text, add_special_tokens=False).input_ids
+        assert httpx.post(f"{base}/detokenize", json={"tokens": bare["tokens"]}).json()["prompt"] == text
+        assert httpx.post(f"{base}/detokenize", json={"tokens": [-1]}).status_code == 400
+
+        ids = with_bos["tokens"]
+        lp = complete(base, prompt=text, echo=True, max_tokens=0, logprobs=2)["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) and lp["token_logprobs"][0] is None
+    # The served model is gptforge's load of the directory (bfloat16 weights for these families).
+    logp = reference(load(llama_dir), ids)
+    assert lp["token_logprobs"][1:] == pytest.approx([float(logp[t - 1, ids[t]]) for t in range(1, len(ids))],
+                                                     abs=1e-5)
+    # And transformers' float32 model agrees to bfloat16's precision.
+    with torch.no_grad():
+        theirs = torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert lp["token_logprobs"][1:] == pytest.approx([float(theirs[t - 1, ids[t]]) for t in range(1, len(ids))],
+                                                     abs=1e-2)
