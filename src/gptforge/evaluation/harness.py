@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gptforge.errors import BadInputError
 from gptforge.evaluation.scoring import Score, Throughput, score_requests
@@ -106,8 +107,6 @@ def _limited(task: TaskData, limit: int | None) -> TaskData:
         counts[item.group] = counts.get(item.group, 0) + 1
         if counts[item.group] <= limit:
             kept.append(item)
-    from dataclasses import replace
-
     return replace(task, items=kept)
 
 
@@ -175,7 +174,8 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[str], shots: int = 0, limit
     """Evaluate a language model on tasks (benchmark names or .jsonl paths; see `gptforge.evaluation.tasks`).
 
     `shots` solved examples go before each question, `limit` keeps the first items of each
-    task, `batch_size` continuations share a forward pass. `on_task(name, n_requests)` is
+    task, `batch_size` continuations share a forward pass (a question's choices are never
+    split between passes, so one with more choices than that gets a pass of its own). `on_task(name, n_requests)` is
     called before a task is scored and `on_progress(name, n_requests, n_tokens, tokens_per_s)`
     after each batch (for a progress bar). Files are downloaded as needed.
     """
@@ -205,6 +205,4 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[str], shots: int = 0, limit
             scores.append(flat[start:start + item.n_choices])
             start += item.n_choices
         results += task_metrics(task, items, scores, shots)
-    import time
-
     return EvalRun(results, meter.tokens, time.perf_counter() - meter.start)
