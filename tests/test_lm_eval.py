@@ -2,8 +2,8 @@
 model converted to Hugging Face's format (its `hf` backend) and on `gptforge serve`
 (its `local-completions` backend), give the same answers.
 
-A tiny random GPT-2 model, a 10-question multiple-choice task and a short generation
-task, written here as lm-eval YAML + jsonl; everything offline.
+A tiny random GPT-2 model, a 10-question multiple-choice task, a perplexity task over the
+questions and a short generation task, written here as lm-eval YAML + jsonl; everything offline.
 """
 
 from __future__ import annotations
@@ -73,6 +73,14 @@ generation_kwargs:
 metric_list:
   - metric: exact_match
 """, encoding="utf-8")
+    (root / "tiny_ppl.yaml").write_text(f"""task: tiny_ppl
+{common}output_type: loglikelihood_rolling
+doc_to_target: "{{{{query}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""", encoding="utf-8")
     return data
 
 
@@ -106,7 +114,7 @@ def evaluate(model: str, model_args: dict, tasks_dir: Path, monkeypatch, batch_s
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    return simple_evaluate(model=model, model_args=model_args, tasks=["tiny_mc", "tiny_gen"],
+    return simple_evaluate(model=model, model_args=model_args, tasks=["tiny_mc", "tiny_gen", "tiny_ppl"],
                            task_manager=TaskManager(include_path=str(tasks_dir)), batch_size=batch_size,
                            log_samples=True, device="cpu", random_seed=0, numpy_random_seed=0,
                            torch_random_seed=0, fewshot_random_seed=0)
@@ -148,6 +156,11 @@ def test_local_completions_through_the_server_equals_the_hf_backend(setup, url, 
     assert generations(served) == generations(hf_results)
     assert any(generations(served))
     assert served["results"]["tiny_gen"] == hf_results["results"]["tiny_gen"]
+    # Rolling log-likelihoods of whole texts (from the end-of-text token): the same perplexities.
+    ppl, hf_ppl = served["results"]["tiny_ppl"], hf_results["results"]["tiny_ppl"]
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert ppl[metric] == pytest.approx(hf_ppl[metric], rel=1e-5)
+    assert hf_ppl["word_perplexity,none"] > 1000  # a random model: each word is a surprise
 
 
 def test_the_server_scores_what_lm_eval_expects(url, setup):
