@@ -4,7 +4,8 @@
 one token at a time for a batch of prompts of any lengths (with a KV cache, each
 new token costs one position) and yields ids as they come; `generate` collects
 them. Tokenization stays outside the loop, in `stream_text`, which turns streamed
-ids into text pieces. On the CPU the loop stores the linear layers' weights in the
+ids into text pieces through `TextStream` (which also ends the text at stop texts,
+such as a prompt template's end-of-response markers). On the CPU the loop stores the linear layers' weights in the
 order decoding reads fastest (`use_decode_layout`); training puts them back.
 """
 
@@ -449,14 +450,61 @@ def generate(model: GPTModel, prompts: Prompts, max_new_tokens: int, temperature
     return out
 
 
+class TextStream:
+    """Token ids in, text pieces out, ending at the first of the `stop` texts.
+
+    Bytes of a character split across tokens are held back until complete, and so
+    is any tail of the text that could be the start of a stop text (a marker such
+    as "<|end|>" often comes as several tokens, and a token may hold the end of
+    the answer and the start of a marker together), so the text released never
+    contains, or ends with a piece of, a stop text; held text is let go as soon as
+    the next token shows it is not one.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""  # text that might begin a stop text
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add one token; return (text to release, whether a stop text was reached)."""
+        text = self._held + self._decoder.decode(self.tokenizer.decode_single_token_bytes(token))
+        return self._release(text)
+
+    def finish(self) -> str:
+        """The text still held back, once generation has ended without a stop text."""
+        text, stopped = self._release(self._held + self._decoder.decode(b"", final=True))
+        held, self._held = self._held, ""
+        return text if stopped else text + held
+
+    def _release(self, text: str) -> tuple[str, bool]:
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self._held = ""
+            return text[:min(cuts)], True
+        keep = 0  # the longest tail of `text` that a stop text starts with
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:n]):
+                    keep = n
+                    break
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
+
+
 def stream_text(model: GPTModel, prompt: str, max_new_tokens: int = 50, tokenizer=None,
-                stop_at_eos: bool = True, stop_ids: StopIds = None, **sampling) -> Iterator[str]:
+                stop_at_eos: bool = True, stop_ids: StopIds = None, stop_texts: Sequence[str] = (),
+                **sampling) -> Iterator[str]:
     """Generate from a text prompt and yield the continuation as text pieces.
 
     Bytes of a character split across tokens are held back until complete, so every
     piece is valid text. Generation stops at `stop_ids` (default: the tokenizer's
     end tokens, GPT-2's <|endoftext|> or a chat model's end-of-turn ids) unless
-    `stop_at_eos` is False. `sampling` takes generate_stream's keyword arguments.
+    `stop_at_eos` is False, and at the first of the `stop_texts` (a prompt
+    template's end-of-response markers, such as Alpaca's "\\n\\n### "); neither
+    the stop id nor the stop text is yielded (see `TextStream`). `sampling` takes
+    generate_stream's keyword arguments.
     """
     from gptforge.tokenizer import EOT_ID, get_tokenizer, text_to_ids
 
@@ -465,14 +513,20 @@ def stream_text(model: GPTModel, prompt: str, max_new_tokens: int = 50, tokenize
     if stop_ids is None:
         stop_ids = getattr(tokenizer, "eos_ids", None) or EOT_ID
     stops = set(stop_set(stop_ids)) if stop_at_eos else set()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for next_ids in generate_stream(model, ids, max_new_tokens, eos_id=stops or None, **sampling):
-        token = int(next_ids[0])
-        if token in stops:
-            break
-        piece = decoder.decode(tokenizer.decode_single_token_bytes(token))
-        if piece:
-            yield piece
-    tail = decoder.decode(b"", final=True)
+    text = TextStream(tokenizer, stop_texts)
+    steps = generate_stream(model, ids, max_new_tokens, eos_id=stops or None, **sampling)
+    try:
+        for next_ids in steps:
+            token = int(next_ids[0])
+            if token in stops:
+                break
+            piece, stopped = text.push(token)
+            if piece:
+                yield piece
+            if stopped:
+                return
+    finally:
+        steps.close()  # no more model steps once the answer has ended
+    tail = text.finish()
     if tail:
         yield tail

@@ -11,7 +11,9 @@ from gptforge.errors import BadInputError
 
 def add_commands(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a model, streaming the text")
-    p.add_argument("--model", required=True, help="preset name, run directory or checkpoint")
+    p.add_argument("--model", required=True,
+                   help="preset name, run directory or checkpoint (an instruction run's text ends "
+                        "where its prompt template ends an answer)")
     p.add_argument("--prompt", required=True)
     add_sampling_args(p)
     p.add_argument("--no-cache", action="store_true", help="recompute every position (slow)")
@@ -19,6 +21,20 @@ def add_commands(sub) -> None:
                    help="int8 weight-only linear layers (CPU)")
     add_device_arg(p)
     p.set_defaults(func=cmd_generate)
+
+
+def _instruction_stops(source: str, tokenizer) -> dict:
+    """For an instruction run (its gptforge.json names its prompt template): stream_text's
+    stop settings that end the text where the template ends an answer, as `ask` does.
+    Other models stop at their tokenizer's end tokens only (an empty dict)."""
+    from gptforge.finetune.instruct import end_ids, template_of
+    from gptforge.loader import read_run
+
+    meta = read_run(source)
+    if not meta.template:
+        return {}
+    template = template_of(meta, tokenizer=tokenizer)
+    return {"stop_ids": end_ids(tokenizer, template), "stop_texts": template.end_markers}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -39,8 +55,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     tokenizer = tokenizer_for(args.model)  # GPT-2's BPE, or the model's own tokenizer.json
+    stops = _instruction_stops(args.model, tokenizer)
     for piece in stream_text(model, args.prompt, args.max_new_tokens, tokenizer, use_cache=not args.no_cache,
-                             **sampling):
+                             **stops, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -13,6 +13,8 @@ from gptforge.cli.common import (
     add_device_arg,
     add_sampling_args,
     add_train_args,
+    allocation_guard,
+    check_model_memory,
     check_new_run_dir,
     dropout_rate,
     finetune_group,
@@ -67,7 +69,16 @@ def _template(name: str | None, meta, tokenizer):
 def _add_finetune_instruct(tasks) -> None:
     p = tasks.add_parser("instruct", help="fine-tune a model to follow instructions (the book's chapter 7)")
     p.add_argument("--model", default=None,
-                   help="preset, run directory or checkpoint to start from (default gpt2-medium)")
+                   help="model to start from: preset (downloads GPT-2; default gpt2-medium), "
+                        "checkpoint or run directory")
+    p.add_argument("--init", default=None, metavar="PRESET|MODEL",
+                   help="start from a fresh, untrained model of this preset, or of this model's "
+                        "architecture (a checkpoint or model directory; its tokenizer too), "
+                        "instead of --model")
+    p.add_argument("--context-length", type=positive_int, default=None,
+                   help="context length of an --init preset model (default 256)")
+    for flag in ("--n-layers", "--emb-dim", "--n-heads"):
+        p.add_argument(flag, type=positive_int, default=None, help="shape of an --init preset model")
     p.add_argument("--data", default=None,
                    help="JSON or JSONL file of instruction/input/output entries "
                         "(default: the book's instruction-data.json)")
@@ -94,9 +105,45 @@ def _add_finetune_instruct(tasks) -> None:
 
 
 # Flags that describe a new run: refused with --resume, which keeps the run's own.
-NEW_RUN_FLAGS = {"model": "--model", "data": "--data", "template": "--template",
+NEW_RUN_FLAGS = {"model": "--model", "init": "--init", "context_length": "--context-length",
+                 "n_layers": "--n-layers", "emb_dim": "--emb-dim", "n_heads": "--n-heads",
+                 "data": "--data", "template": "--template",
                  "mask_prompt": "--mask-prompt", "max_length": "--max-length",
                  "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "out": "--out"}
+
+
+def _initial_model(args: argparse.Namespace):
+    """(model, base) that a new run starts from: --model's weights, or a fresh model of
+    --init's preset or of the architecture of the model it names (base "init:...")."""
+    from gptforge.config import book_config, canonical_preset
+    from gptforge.loader import load, read_run
+    from gptforge.pretrain import fresh_model
+
+    shape = {k: getattr(args, k) for k in ("n_layers", "emb_dim", "n_heads") if getattr(args, k)}
+    if not args.init:
+        if shape or args.context_length is not None:
+            raise BadInputError("--n-layers/--emb-dim/--n-heads/--context-length shape a fresh model; "
+                                "use them with --init")
+        source = args.model or "gpt2-medium"
+        return load(source, for_training=True), source
+    if args.model is not None:
+        raise BadInputError("give --model (a trained model to start from) or --init (a fresh "
+                            "model of a preset or of a model's architecture), not both")
+    if canonical_preset(args.init) is not None and not Path(args.init).exists():
+        cfg = book_config(args.init, args.context_length or 256, **shape)
+        base = f"init:{canonical_preset(args.init)}"
+    elif Path(args.init).exists():
+        if shape or args.context_length is not None:
+            raise BadInputError(f"--n-layers/--emb-dim/--n-heads/--context-length shape a fresh preset "
+                                f"model; --init {args.init} takes the shape of that model: leave them out")
+        cfg = read_run(args.init).model
+        base = f"init:{Path(args.init).resolve()}"
+    else:
+        raise NotFoundError(f"--init {args.init} is neither a preset nor an existing model directory "
+                            f"or checkpoint; give a preset such as gpt2-small or a model's path")
+    check_model_memory(cfg, args.device)
+    with allocation_guard(cfg):
+        return fresh_model(cfg), base
 
 
 def cmd_finetune_instruct(args: argparse.Namespace) -> int:
@@ -105,7 +152,6 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
     from gptforge.checkpoint import default_run_dir
     from gptforge.data import check_language_model
     from gptforge.finetune.instruct import InstructOptions, finetune_instruct, load_run_for_resume
-    from gptforge.loader import load
 
     if args.resume:
         refuse_on_resume(args, NEW_RUN_FLAGS)
@@ -118,7 +164,7 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
         if args.lora_alpha is not None and args.lora_rank is None:
             raise BadInputError("--lora-alpha needs --lora-rank")
         cfg = train_config(args)
-        source = args.model or "gpt2-medium"
+        source = args.init or args.model or "gpt2-medium"
         options = InstructOptions(data=args.data, template=args.template,
                                   mask_prompt=bool(args.mask_prompt),
                                   max_length=args.max_length or 1024, lora_rank=args.lora_rank,
@@ -127,10 +173,9 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
         suffix = f"-lora{args.lora_rank}" if args.lora_rank else ""
         out = Path(args.out) if args.out else default_run_dir(f"{Path(source).name}-instruct{suffix}")
         check_new_run_dir(out)
-        torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn at random
-        model = load(source, for_training=True)
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices (and a fresh model) are drawn at random
+        model, base = _initial_model(args)
         check_language_model(model, source)
-        base = source
     if args.dropout is not None:
         from gptforge.model import set_dropout
 
@@ -226,7 +271,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         pieces: list[str] = []
         try:
             for piece in gen.stream_text(model, prompt, args.max_new_tokens, tokenizer, stop_ids=stops,
-                                         **sampling):
+                                         stop_texts=template.end_markers, **sampling):
                 if not pieces:
                     piece = piece.lstrip()  # the answer starts at its first visible character
                     if not piece:
@@ -335,7 +380,7 @@ def cmd_evaluate_responses(args: argparse.Namespace) -> int:
         from gptforge.data import check_output_file
 
         check_output_file(args.out, "--out")
-    model, template = None, "alpaca"
+    model, template, tokenizer = None, "alpaca", None
     if args.model:
         model, meta, tokenizer = _load_model(args.model, args.device)
         template = _template(args.template, meta, tokenizer)
@@ -354,7 +399,7 @@ def cmd_evaluate_responses(args: argparse.Namespace) -> int:
     try:
         report = evaluate_responses(entries, args.response_key, model, template, judge,
                                     on_judged=bar.update if bar else None,
-                                    batch_size=args.batch_size, seed=args.judge_seed)
+                                    batch_size=args.batch_size, seed=args.judge_seed, tokenizer=tokenizer)
     finally:
         if bar is not None:
             bar.close()

@@ -319,11 +319,13 @@ def response_loss(model: nn.Module, entries: Sequence[Mapping[str, str]],
     entries = [{**e, "output": e[response_key]} for e in entries]
     items = [encode_entry(e, template, tokenizer) for e in entries]
     ctx = model.cfg.context_length
+    end = end_ids(tokenizer, template)[0]  # what training appends to each answer
     device = next(model.parameters()).device
     model.eval()
     total, count = 0.0, 0
     for idx in length_sorted_batches([len(ids) for ids, _ in items], batch_size):
-        inputs, targets = collate_instructions([items[i] for i in idx], max_length=ctx, mask_prompt=True)
+        inputs, targets = collate_instructions([items[i] for i in idx], pad_id=end, max_length=ctx,
+                                               mask_prompt=True)
         logits = model(inputs.to(device))  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
@@ -345,19 +347,22 @@ def generate_responses(
 ) -> list[dict]:
     """Answer every entry; return copies of the entries with "model_response" added.
 
-    Greedy by default (`sampling` takes generate_stream's temperature, top_k, ...),
-    stopping at end-of-text. Prompts are answered together in batches of up to
-    `batch_size` (of any lengths: each row has its own positions in the KV cache;
-    sorting by length only keeps the padding of the first step small).
+    Greedy by default (`sampling` takes generate_stream's temperature, top_k, ...).
+    An answer ends at the template's end ids (`end_ids`) or its end-of-response
+    texts (`template.end_markers`, such as Alpaca's next "### " section), neither of
+    which it keeps; a batch stops once all its answers have ended. Prompts are
+    answered together in batches of up to `batch_size` (of any lengths: each row has
+    its own positions in the KV cache; sorting by length only keeps the padding of
+    the first step small).
     `batch_size=1` answers one at a time; greedy answers are the same either way.
     `on_progress(n)` is called with the number of entries just finished.
     """
-    from gptforge.generate import generate_stream
+    from gptforge.generate import TextStream, generate_stream
 
     tokenizer = tokenizer or get_tokenizer()
     template = get_template(template, tokenizer) if isinstance(template, str) else template
     ctx = model.cfg.context_length
-    stops = end_ids(tokenizer, template)
+    stops, markers = set(end_ids(tokenizer, template)), template.end_markers
     prompts = [encode_template_text(template.prompt(e), template, tokenizer) for e in entries]
     for i, ids in enumerate(prompts):
         if len(ids) > ctx:
@@ -365,15 +370,30 @@ def generate_responses(
             prompts[i] = ids[-ctx:]
     answers: list[str] = [""] * len(prompts)
     for idx in length_sorted_batches([len(p) for p in prompts], batch_size):
-        batch = [prompts[i] for i in idx]
-        steps = list(generate_stream(model, batch, max_new_tokens, eos_id=stops, **sampling))
-        new = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in idx]  # (B, steps)
+        texts = [TextStream(tokenizer, markers) for _ in idx]
+        pieces: list[list[str]] = [[] for _ in idx]
+        running = set(range(len(idx)))  # rows whose answer has not ended
+        steps = generate_stream(model, [prompts[i] for i in idx], max_new_tokens, eos_id=stops, **sampling)
+        try:
+            for next_ids in steps:
+                for row, token in enumerate(next_ids.tolist()):
+                    if row not in running:
+                        continue
+                    if token in stops:
+                        piece, ended = texts[row].finish(), True
+                    else:
+                        piece, ended = texts[row].push(token)
+                    pieces[row].append(piece)
+                    if ended:
+                        running.discard(row)
+                if not running:
+                    break
+        finally:
+            steps.close()
         for row, i in enumerate(idx):
-            ids = new[row]
-            end = next((k for k, t in enumerate(ids) if t in stops), None)
-            if end is not None:
-                ids = ids[:end]
-            answers[i] = tokenizer.decode(ids).strip()
+            if row in running:  # ran out of tokens: what was held back is part of the answer
+                pieces[row].append(texts[row].finish())
+            answers[i] = "".join(pieces[row]).strip()
         if on_progress:
             on_progress(len(idx))
     return [{**e, RESPONSE_KEY: a} for e, a in zip(entries, answers)]
@@ -461,7 +481,9 @@ def finetune_instruct(
     """Fine-tune `model` to follow instructions; then answer the test set into responses.json.
 
     `base_model` names where the model came from (stored in the run; a LoRA run
-    needs it to rebuild itself). With `options.lora_rank` only LoRA adapters are
+    needs it to rebuild itself); "init:PRESET" or "init:PATH" is a fresh model of that
+    preset's or that model's architecture, whose tokenizer files (if it has its own) are
+    copied into the run, since nothing else of that model is kept. With `options.lora_rank` only LoRA adapters are
     trained and saved. `cfg` is a TrainConfig; `callbacks` maps trainer events to
     functions of the trainer. With `resume`, `model` must already hold the run's
     weights (`load_run_for_resume`), and the run's saved splits are used.
@@ -469,11 +491,11 @@ def finetune_instruct(
     from gptforge.training import Trainer, lm_loss
 
     check_language_model(model, f"the model ({base_model})")
-    tokenizer = tokenizer_for(base_model)
+    out = Path(out_dir)
+    tokenizer = tokenizer_for(out if resume else base_model.removeprefix("init:"))
     if tokenizer.n_vocab == EOT_ID + 1:  # GPT-2's BPE
         check_vocabulary(model.cfg)
     options = replace(options, template=options.template or default_template(tokenizer))
-    out = Path(out_dir)
     template = get_template(options.template, tokenizer)
     ends = end_ids(tokenizer, template)
     if resume:
@@ -486,6 +508,10 @@ def finetune_instruct(
                                 f"{'y' if len(entries) == 1 else 'ies'}; its training split (the first "
                                 f"85%) is empty: give at least 2 entries")
         write_splits(splits, out)
+        if base_model.startswith("init:"):
+            from gptforge.hf_tokenizer import save_tokenizer_files
+
+            save_tokenizer_files(tokenizer, out)  # GPT-2's BPE needs none
     ctx = model.cfg.context_length
     max_length = min(options.max_length or ctx, ctx)
     if options.lora_rank and not has_lora(model):
@@ -493,7 +519,7 @@ def finetune_instruct(
     settings = {**asdict(options), "max_length": max_length}
     if options.lora_rank:
         settings["lora_alpha"] = options.lora_alpha or float(options.lora_rank)
-    if Path(base_model).exists():
+    if not base_model.startswith("init:") and Path(base_model).exists():
         base_model = str(Path(base_model).resolve())
     meta = RunMeta(model=model.cfg, task="instruct", template=options.template, instruct=settings,
                    base_model=base_model)

@@ -273,11 +273,12 @@ def evaluate_responses(
     max_consecutive_failures: int = 5,
     batch_size: int = 8,
     seed: int = 123,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     """Score responses against the references ("output"); return the report as a dict.
 
     Always: mean ROUGE-L F1 and exact match. With `model`: its mean loss on the
-    reference responses. With `judge`: scores 0-100, their mean and a seeded
+    reference responses (`tokenizer`: the model's; default GPT-2's). With `judge`: scores 0-100, their mean and a seeded
     bootstrap 95% interval, plus counts of unparseable replies and failed requests.
     The judge is given up on (JudgeError) after `max_consecutive_failures` failures in a row.
     """
@@ -301,7 +302,7 @@ def evaluate_responses(
     if model is not None:
         from gptforge.finetune.instruct import response_loss
 
-        report["reference_loss"] = response_loss(model, entries, template, batch_size)
+        report["reference_loss"] = response_loss(model, entries, template, batch_size, tokenizer=tokenizer)
     if judge is not None:
         scores: list[int] = []
         unparseable, failed, in_a_row = 0, 0, 0

@@ -3,7 +3,9 @@ model's own chat template ("chat": Llama 3, Qwen3, Gemma 3 ship one with their t
 
 An entry is a dict with "instruction", optional "input" and, for training, "output".
 `prompt(entry)` is the text the model sees before it answers (ending with the
-response header); `full(entry)` appends the reference answer for training.
+response header); `full(entry)` appends the reference answer for training;
+`end_markers` are the texts at which a generated answer ends (the ids at which it
+ends are `instruct.end_ids`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ class PromptTemplate:
     def full(self, entry: Mapping[str, str]) -> str:
         return self.prompt(entry) + entry["output"]
 
+    @property
+    def end_markers(self) -> tuple[str, ...]:
+        """Texts that end an answer: the start of the next section the template writes (a
+        model fine-tuned on these prompts goes on to invent the next instruction)."""
+        return STOP_TEXTS[self.name]
+
     def response_of(self, generated: str) -> str:
         """The answer part of a generated text that still holds the prompt, stripped."""
         marker = "### Response:\n" if self.name == "alpaca" else "<|assistant|>\n"
@@ -47,6 +55,13 @@ class PromptTemplate:
         return (tail if sep else generated).strip()
 
 
+# Where an answer ends, as text: Alpaca's next "### " section (after the blank line the template
+# puts between sections, or anywhere once it names a section), Phi-3's turn markers. With GPT-2's
+# tokenizer these are plain text, several tokens each.
+STOP_TEXTS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("\n\n### ", "### Instruction:", "### Input:", "### Response:"),
+    "phi3": ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>"),
+}
 TEMPLATES: dict[str, PromptTemplate] = {name: PromptTemplate(name) for name in ("alpaca", "phi3")}
 TEMPLATE_NAMES = (*TEMPLATES, "chat")
 _SENTINEL = "\x00gptforge-answer\x00"
@@ -84,6 +99,12 @@ class ChatTemplate:
         entry = {"instruction": "Say yes.", "output": _SENTINEL}
         rendered = self.render(self.messages(entry) + [{"role": "assistant", "content": _SENTINEL}], False)
         return rendered.rpartition(_SENTINEL)[2].strip()
+
+    @property
+    def end_markers(self) -> tuple[str, ...]:
+        """Texts that end an answer: the template's end-of-turn marker (as a token id it is in
+        `instruct.end_ids` too; as text it also catches a marker of several tokens)."""
+        return (self.end_marker,) if self.end_marker else ()
 
     def response_of(self, generated: str) -> str:
         head, sep, tail = generated.partition(self.end_marker) if self.end_marker else (generated, "", "")
