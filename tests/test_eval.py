@@ -132,16 +132,16 @@ def test_length_normalization_can_change_the_pick():
     assert values == {"acc": 0.0, "acc_norm": 1.0}
 
 
-def test_fewshot_prompts_are_drawn_as_lm_eval_draws_them():
-    """Seeded draws from the training split in item order, joined by blank lines; MMLU's shots
-    are its subject's first dev questions after the description; LAMBADA never shows an item
-    its own text."""
+def test_fewshot_prompts_are_drawn_as_lm_eval_draws_them(tmp_path):
+    """Seeded draws in item order, joined by blank lines: HellaSwag's draw one more and drop
+    the item (lm-eval's path for configs without a test split), ARC's and LAMBADA's draw just
+    the shots; MMLU's are its subject's first dev questions after the description."""
     hella = load_task("hellaswag", shots=2)
     rows = [json.loads(line) for line in fixtures._jsonl(fixtures.HELLASWAG_TRAIN).splitlines()]
     rnd = random.Random(1234)
     prompts = fewshot_prompts(hella, 2, seed=1234)
     for item, prompt in zip(hella.items, prompts):
-        picks = rnd.sample(range(len(rows)), 2)
+        picks = rnd.sample(range(len(rows)), 3)[:2]  # no training row equals a validation item
         shots = ""
         for i in picks:
             row = rows[i]
@@ -152,6 +152,19 @@ def test_fewshot_prompts_are_drawn_as_lm_eval_draws_them():
     assert fewshot_prompts(hella, 2, seed=1234) == prompts  # seeded: the same again
     assert fewshot_prompts(hella, 2, seed=7) != prompts
 
+    arc = load_task("arc_easy", shots=1)
+    rnd = random.Random(1234)
+    for item, prompt in zip(arc.items, fewshot_prompts(arc, 1)):
+        shot = arc.pools[""][rnd.sample(range(len(arc.pools[""])), 1)[0]]
+        assert prompt.contexts[0] == shot.example + "\n\n" + item.contexts[0]
+
+    lambada = load_task("lambada", shots=3)
+    rnd = random.Random(1234)
+    for item, prompt in zip(lambada.items, fewshot_prompts(lambada, 3)):
+        shots = "".join(x.example + "\n\n" for x in rnd.sample(lambada.items, 3))
+        assert prompt.contexts[0] == shots + item.contexts[0]
+        assert "  " in shots  # lm-eval's example: context, the delimiter, then " word"
+
     mmlu = load_task("mmlu", shots=2)
     first = fewshot_prompts(mmlu, 2)[0].contexts[0]
     dev = fixtures.MMLU["astronomy"]["dev"]
@@ -161,16 +174,13 @@ def test_fewshot_prompts_are_drawn_as_lm_eval_draws_them():
     biology = [p for p in fewshot_prompts(mmlu, 1) if p.group == "college_biology"][0].contexts[0]
     assert "about college biology.\n\nMade-up biology question 0?" in biology
 
-    lambada = load_task("lambada", shots=3)
-    for item, prompt in zip(lambada.items, fewshot_prompts(lambada, 3)):
-        own = item.contexts[0] + "  " + item.targets[0][1:]
-        shots = prompt.contexts[0][:-len(item.contexts[0])]
-        assert shots.count("\n\n") == 3 and own not in shots
-
     wino = fewshot_prompts(load_task("winogrande", shots=1), 1)[0]
     assert len(wino.contexts) == 2 and wino.contexts[0].startswith("Made-up sentence")
+    mine = load_task(str(write_jsonl(tmp_path / "four.jsonl", MC_ROWS)))
+    for item, prompt in zip(mine.items, fewshot_prompts(mine, 3)):
+        assert item.example not in prompt.contexts[0]  # a local file never shows an item itself
     with pytest.raises(BadInputError, match="shots"):
-        fewshot_prompts(lambada, 4)  # 4 items: at most 3 others to show
+        fewshot_prompts(mine, 4)  # 4 items: at most 3 others to show
 
 
 def test_prompts_match_lm_eval_templates():
@@ -388,3 +398,121 @@ def test_loglikelihoods_equal_lm_evaluation_harness(family, tokenizer_dir, tmp_p
     ours = score_requests(load(out, dtype=torch.float32), tokenizer_for(out), requests, batch_size=3)
     assert [s.logprob for s in ours] == pytest.approx([ll for ll, _ in reference], abs=1e-4)
     assert [s.greedy for s in ours] == [g for _, g in reference]
+
+
+def _lm_eval_local_tasks(folder: Path) -> list[str]:
+    """lm-eval task configs that read the stand-in files (converted to the Hugging Face layouts
+    lm-eval's own configs expect) with lm-eval's own prompts, choices, targets and helpers."""
+    import shutil
+
+    import lm_eval
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    shutil.copy(root / "hellaswag" / "utils.py", folder / "utils.py")
+    shutil.copy(root / "winogrande" / "preprocess_winogrande.py", folder / "preprocess_winogrande.py")
+
+    def data(name: str, rows: list[dict]) -> str:
+        return str(write_jsonl(folder / f"{name}.jsonl", rows))
+
+    def config(source: str, name: str, files: dict[str, str], extra: str = "") -> str:
+        kept, in_tag = [], False
+        for line in (root / source).read_text().splitlines():
+            if line.startswith("tag:"):
+                in_tag = True
+                continue
+            if in_tag and line.startswith("  - "):
+                continue
+            in_tag = False
+            if not line.startswith(("task:", "dataset_path:", "dataset_name:", "include:")):
+                kept.append(line)
+        split_files = "".join(f"    {split}: {path}\n" for split, path in files.items())
+        (folder / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                             f"{split_files}" + "\n".join(kept) + "\n" + extra)
+        return name
+
+    def arc(rows):
+        return [{"id": r["id"], "question": r["question"]["stem"], "answerKey": r["answerKey"],
+                 "choices": {"text": [c["text"] for c in r["question"]["choices"]],
+                             "label": [c["label"] for c in r["question"]["choices"]]}} for r in rows]
+
+    def piqa(rows, labels):
+        return [dict(r, label=int(label)) for r, label in zip(rows, labels)]
+
+    def hella(rows):
+        return [dict(r, label=str(r["label"])) for r in rows]
+
+    def mmlu(subject, split):
+        return [{"question": q, "subject": subject, "choices": [a, b, c, d], "answer": "ABCD".index(ans)}
+                for q, a, b, c, d, ans in fixtures.MMLU[subject][split]]
+
+    names = [
+        config("hellaswag/hellaswag.yaml", "x_hellaswag", {"validation": data("hv", hella(fixtures.HELLASWAG_VAL)),
+                                                           "train": data("ht", hella(fixtures.HELLASWAG_TRAIN))}),
+        config("arc/arc_easy.yaml", "x_arc_easy", {"test": data("ae", arc(fixtures.ARC["Easy-Test"])),
+                                                   "train": data("at", arc(fixtures.ARC["Easy-Train"]))}),
+        config("piqa/piqa.yaml", "x_piqa", {"validation": data("pv", piqa(*fixtures.PIQA["valid"])),
+                                            "train": data("pt", piqa(*fixtures.PIQA["train"]))}),
+        config("winogrande/default.yaml", "x_winogrande", {"validation": data("wv", fixtures.WINOGRANDE["dev"]),
+                                                           "train": data("wt", fixtures.WINOGRANDE["train_xl"])}),
+        config("lambada/lambada_openai.yaml", "x_lambada", {"test": data("l", fixtures.LAMBADA)}),
+    ]
+    for subject in fixtures.MMLU:
+        names.append(config("mmlu/default/_default_template_yaml", f"x_mmlu_{subject}",
+                            {"test": data(f"m-{subject}", mmlu(subject, "test")),
+                             "dev": data(f"md-{subject}", mmlu(subject, "dev"))},
+                            f'description: "The following are multiple choice questions (with answers) about '
+                            f'{subject.replace("_", " ")}.\\n\\n"\n'))
+    return names
+
+
+def test_every_task_matches_lm_evaluation_harness(tokenizer_dir, tmp_path, monkeypatch):
+    """lm-eval itself, run two-shot on the same stand-in data (its own task configs, few-shot
+    sampler and metrics, on a tiny random transformers GPT-2), builds the same requests, prompts
+    and shots included, and reports the same scores as gptforge. (Zero-shot prompts are the
+    ends of these; test_prompts_match_lm_eval_templates checks them on their own.)"""
+    shots = 2
+    lm_eval = pytest.importorskip("lm_eval")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("datasets")
+    import shutil
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from gptforge import load
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=512))
+    model_dir = tmp_path / "tiny-hf"
+    hf.save_pretrained(model_dir)
+    for file in tokenizer_dir("gpt2").iterdir():
+        shutil.copy(file, model_dir / file.name)
+    folder = tmp_path / "lm-eval-tasks"
+    folder.mkdir()
+    names = _lm_eval_local_tasks(folder)
+    out = lm_eval.simple_evaluate(model=HFLM(pretrained=str(model_dir), batch_size=4, device="cpu", dtype="float32"),
+                                  tasks=names, num_fewshot=shots, task_manager=TaskManager(include_path=str(folder)),
+                                  log_samples=True, bootstrap_iters=0, fewshot_random_seed=1234)
+
+    ours_model = load(model_dir, dtype=torch.float32)
+    run = evaluate_tasks(ours_model, get_tokenizer(), ALL_TASKS, shots=shots, batch_size=4)
+    ours = {(r.task, r.metric): r for r in run.results}
+    for task in ["hellaswag", "arc_easy", "piqa", "winogrande", "lambada"]:
+        theirs = out["results"][f"x_{task}"]
+        prompts = fewshot_prompts(load_task(task, shots), shots)
+        samples = sorted(out["samples"][f"x_{task}"], key=lambda s: s["doc_id"])
+        assert [[tuple(a) for a in s["arguments"]] for s in samples] == [p.requests() for p in prompts], task
+        for metric in ("acc", "acc_norm", "perplexity"):
+            if f"{metric},none" in theirs:
+                assert ours[task, metric].value == pytest.approx(theirs[f"{metric},none"], rel=1e-4), (task, metric)
+    mmlu_prompts = fewshot_prompts(load_task("mmlu", shots), shots)
+    n_right = 0.0
+    for subject in fixtures.MMLU:
+        samples = sorted(out["samples"][f"x_mmlu_{subject}"], key=lambda s: s["doc_id"])
+        mine = [p.requests() for p in mmlu_prompts if p.group == subject]
+        assert [[tuple(a) for a in s["arguments"]] for s in samples] == mine, subject
+        n_right += out["results"][f"x_mmlu_{subject}"]["acc,none"] * len(samples)
+    assert ours["mmlu", "acc"].value == pytest.approx(n_right / ours["mmlu", "acc"].n)

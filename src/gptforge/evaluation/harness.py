@@ -14,9 +14,9 @@ lm-eval's `mean_stderr`; MMLU's is pooled over its subjects as lm-eval pools a g
 error of the mean log-likelihood m, where lm-eval bootstraps (they agree to within the
 bootstrap's own noise on sets this size).
 
-Shots are drawn as lm-eval draws them: one `random.Random(seed)` per task (seed 1234, lm-eval's
-default), sampled in item order from the task's training split, or from the evaluated set
-itself leaving the item out; MMLU takes the subject's first dev questions.
+Shots are drawn as lm-eval draws them (see `fewshot_prompts`): one `random.Random(seed)` per
+task (seed 1234, lm-eval's default), sampled in item order; MMLU takes the subject's first dev
+questions.
 """
 
 from __future__ import annotations
@@ -71,7 +71,11 @@ def pooled_stderr(stderrs: Sequence[float], sizes: Sequence[int]) -> float | Non
 def fewshot_prompts(task: TaskData, shots: int, seed: int = DEFAULT_SEED) -> list[Item]:
     """The task's items with their description and `shots` solved examples put before each context.
 
-    Examples are joined by a blank line; see the module docstring for how they are drawn.
+    Examples are joined by a blank line. They are drawn as lm-eval 0.4 draws them: one
+    `random.Random(seed)` per task, drawing in item order; `random.sample(pool, shots)`, or,
+    for a task that leaves the item out, `shots + 1` examples with the item dropped and the
+    first `shots` kept (drawn again from the pool without the item if that leaves too few);
+    MMLU's `first_n` takes the first examples of the subject's pool.
     """
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
         raise BadInputError(f"--shots must be a whole number of at least 0, not {shots!r}")
@@ -79,17 +83,20 @@ def fewshot_prompts(task: TaskData, shots: int, seed: int = DEFAULT_SEED) -> lis
     out = []
     for item in task.items:
         pool = task.pools.get(item.group, [])
+        others = [x for x in pool if x != item] if task.leave_out_item or task.sampler == "first_n" else pool
+        if len(others) < shots:
+            raise BadInputError(f"{task.name}: {shots} shots asked for, but only {len(others)} examples can be "
+                                "drawn for an item; ask for fewer --shots")
         if shots == 0:
             chosen = []
         elif task.sampler == "first_n":
-            chosen = [x for x in pool if x != item][:shots]
-        elif task.shots_from_eval:
+            chosen = others[:shots]
+        elif task.leave_out_item:
             chosen = [x for x in rnd.sample(pool, min(shots + 1, len(pool))) if x != item][:shots]
+            if len(chosen) < shots:  # the item was in the pool more than once
+                chosen = rnd.sample(others, shots)
         else:
-            chosen = rnd.sample(pool, min(shots, len(pool)))
-        if len(chosen) < shots:
-            raise BadInputError(f"{task.name}: {shots} shots asked for, but only {len(chosen)} examples can be "
-                                "drawn for an item; ask for fewer --shots")
+            chosen = rnd.sample(pool, shots)
         prefix = item.description + "".join(x.example + FEWSHOT_DELIMITER for x in chosen)
         out.append(item.with_prefix(prefix))
     return out

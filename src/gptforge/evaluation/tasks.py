@@ -24,6 +24,9 @@ leading " "; one per choice, or one shared). The prompts follow lm-evaluation-ha
   " " + each choice scored after the query; shots drawn from the same file, never the item
   itself.
 
+Shots come from the training split (HellaSwag, ARC, PIQA, Winogrande), the subject's dev
+questions (MMLU) or the evaluated set itself (LAMBADA, a local file).
+
 Every file comes through `gptforge.download` (registry names in `TASKS`), so a
 mirror (`GPTFORGE_DATA_MIRROR`) or a file saved by hand in the cache works offline.
 """
@@ -85,8 +88,8 @@ class TaskData:
 
     `kind` is "multiple_choice" or "last_word"; `metrics` the metrics it reports;
     `sampler` how shots are drawn ("random": seeded, lm-eval's default; "first_n": in file
-    order); `shots_from_eval` says the pool is the evaluated set itself, so an item is never
-    its own shot.
+    order); `leave_out_item` draws one shot more and drops the item itself from the draw, as
+    lm-eval does for the tasks whose config names no test split (see `harness.fewshot_prompts`).
     """
 
     name: str
@@ -95,7 +98,7 @@ class TaskData:
     kind: str = "multiple_choice"
     metrics: tuple[str, ...] = ("acc", "acc_norm")
     sampler: str = "random"
-    shots_from_eval: bool = False
+    leave_out_item: bool = False
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -103,24 +106,30 @@ class TaskData:
 class TaskSpec:
     """Where a benchmark's data comes from: the registry names (`gptforge.download.RESOURCES`)
     of its evaluated files and of its few-shot files (fetched only when shots are asked
-    for), and how they are read."""
+    for; none: the evaluated set is the pool), how they are read, and whether a draw leaves
+    the item out (`TaskData.leave_out_item`)."""
 
     eval_files: tuple[str, ...]
     shot_files: tuple[str, ...]
     read: Callable[[list[Path]], list[Item]]
     kind: str = "multiple_choice"
     metrics: tuple[str, ...] = ("acc", "acc_norm")
+    leave_out_item: bool = False
 
 
 TASKS: dict[str, TaskSpec] = {
-    "hellaswag": TaskSpec(("hellaswag-val",), ("hellaswag-train",), lambda p: hellaswag_items(p[0])),
+    # lm-eval's hellaswag, piqa and winogrande configs name no test split, which makes its
+    # sampler take the leave-the-item-out path (fewshot split None == test split None).
+    "hellaswag": TaskSpec(("hellaswag-val",), ("hellaswag-train",), lambda p: hellaswag_items(p[0]),
+                          leave_out_item=True),
     "arc_easy": TaskSpec(("arc-easy-test",), ("arc-easy-train",), lambda p: arc_items(p[0])),
     "arc_challenge": TaskSpec(("arc-challenge-test",), ("arc-challenge-train",), lambda p: arc_items(p[0])),
     "piqa": TaskSpec(("piqa-valid", "piqa-valid-labels"), ("piqa-train", "piqa-train-labels"),
-                     lambda p: piqa_items(p[0], p[1])),
+                     lambda p: piqa_items(p[0], p[1]), leave_out_item=True),
     "winogrande": TaskSpec(("winogrande-dev",), ("winogrande-train-xl",), lambda p: winogrande_items(p[0]),
-                           metrics=("acc",)),
-    # LAMBADA has only its test set: shots come from it too, never the item itself.
+                           metrics=("acc",), leave_out_item=True),
+    # LAMBADA has only its test set, so shots come from it too; lm-eval does not leave the
+    # passage itself out of the draw (its config names a test split), and neither does this.
     "lambada": TaskSpec(("lambada-openai-test",), (), lambda p: lambada_items(p[0]),
                         kind="last_word", metrics=("perplexity", "acc")),
     # MMLU's one archive holds both the test questions and the dev questions its shots come from.
@@ -361,7 +370,7 @@ def load_task(name: str, shots: int = 0, *, cache_dir: str | os.PathLike | None 
     if is_task_file(name):
         path = Path(name)
         items = jsonl_items(path)
-        return TaskData(path.stem, items, {"": items}, shots_from_eval=True, files={path.name: file_sha256(path)})
+        return TaskData(path.stem, items, {"": items}, leave_out_item=True, files={path.name: file_sha256(path)})
     spec = TASKS[name]
     eval_paths = [_fetch(r, cache_dir, progress) for r in spec.eval_files]
     shot_paths = [_fetch(r, cache_dir, progress) for r in spec.shot_files] if shots else []
@@ -370,9 +379,6 @@ def load_task(name: str, shots: int = 0, *, cache_dir: str | os.PathLike | None 
         items, dev = mmlu_splits(eval_paths[0])
         return TaskData(name, items, dev, metrics=spec.metrics, sampler="first_n", files=files)
     items = spec.read(eval_paths)
-    if not spec.shot_files:
-        pools, from_eval = {"": items}, True
-    else:
-        pools, from_eval = {"": spec.read(shot_paths) if shots else []}, False
-    return TaskData(name, items, pools, kind=spec.kind, metrics=spec.metrics, shots_from_eval=from_eval,
-                    files=files)
+    pool = items if not spec.shot_files else spec.read(shot_paths) if shots else []
+    return TaskData(name, items, {"": pool}, kind=spec.kind, metrics=spec.metrics,
+                    leave_out_item=spec.leave_out_item, files=files)
