@@ -316,3 +316,59 @@ def test_a_llama_model_scores_as_transformers_does(llama_dir):
         theirs = torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), dim=-1)
     assert lp["token_logprobs"][1:] == pytest.approx([float(theirs[t - 1, ids[t]]) for t in range(1, len(ids))],
                                                      abs=1e-2)
+
+
+# ------------------------------------------------------------------------------------
+# the engine
+
+def test_engine_prefills_prompts_wanting_logprobs_in_bounded_calls(lm_dir, monkeypatch):
+    """Prompts that want their own logprobs are prefilled apart from the others, in calls of at
+    most PROMPT_LOGPROBS_TOKENS padded positions, and still get the model's values and tokens."""
+    import threading
+
+    from gptforge.serve import engine as engine_module
+    from gptforge.serve.engine import Engine, SamplingParams
+    from gptforge.tokenizer import EOT_ID
+
+    monkeypatch.setattr(engine_module, "PROMPT_LOGPROBS_TOKENS", 12)
+    lm = load(lm_dir)  # the engine changes its layers' layout: a copy of its own
+    shapes = []  # (rows, positions) of every forward pass with more than one position
+    hook = lm.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape))
+                                        if args[0].shape[1] > 1 else None)
+    engine = Engine(lm, get_tokenizer(), eos_id=EOT_ID, max_active=8)
+    prompts = [text_to_ids(p) for p in PROMPTS]  # 5, 6, 1 and 9+ tokens
+    events: dict[int, list] = {i: [] for i in range(len(prompts) + 1)}
+    done = threading.Event()
+
+    def collect(i):
+        def on_event(event):
+            events[i].append(event)
+            if all(e and e[-1].finish_reason for e in events.values()):
+                done.set()
+        return on_event
+
+    try:
+        for i, ids in enumerate(prompts):  # queued before the worker starts: admitted together
+            engine.submit(ids, SamplingParams(max_tokens=2, temperature=0, logprobs=1, prompt_logprobs=True),
+                          collect(i))
+        engine.submit(prompts[0], SamplingParams(max_tokens=2, temperature=0), collect(len(prompts)))
+        engine.start()
+        assert done.wait(30)
+    finally:
+        engine.stop()
+        hook.remove()
+    lengths = [len(p) for p in prompts]
+    prefills = shapes
+    assert (1, lengths[0]) in prefills  # the plain request, alone
+    assert all(rows * width <= 12 or rows == 1 for rows, width in prefills)
+    assert sum(rows for rows, _ in prefills) == len(prompts) + 1 - sum(1 for n in lengths if n == 1)
+    for i, ids in enumerate(prompts):
+        first = events[i][0]
+        assert first.prompt_logprobs is not None and first.prompt_logprobs[0] is None
+        logp = reference(lm, ids)
+        got = [e.logprob for e in first.prompt_logprobs[1:]]
+        assert got == pytest.approx([float(logp[t - 1, ids[t]]) for t in range(1, len(ids))], abs=1e-5)
+        generated = [e for ev in events[i] for e in ev.logprobs]
+        assert len(generated) == 2 and generated[0].token == int(logp[-1].argmax())
+        assert generated[0].logprob == pytest.approx(float(logp[-1].max()), abs=1e-5)
+    assert all(not ev.logprobs and ev.prompt_logprobs is None for ev in events[len(prompts)])

@@ -5,8 +5,10 @@ ASGI app. Generation runs in `Engine`'s worker thread; the handlers here only
 tokenize, validate, hand requests to the engine and turn its events into JSON or
 server-sent events, so the event loop never waits on the model.
 
-Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with
-`stream`), `GET /v1/models`, `POST /v1/classify`, `GET /health`, and the page at `/`.
+Endpoints: `POST /v1/completions` (with logprobs, echo, scoring with `max_tokens: 0`
+and lists of prompts, as OpenAI's legacy API and vLLM), `POST /v1/chat/completions`
+(both with `stream`), `GET /v1/models`, `POST /v1/classify`, vLLM's `GET
+/tokenizer_info`, `POST /tokenize` and `POST /detokenize`, `GET /health`, and the page at `/`.
 Errors use OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
 Every request passes, in order: the Host check (`HostGuard`, against DNS

@@ -43,7 +43,7 @@ import torch
 from gptforge.errors import BadInputError
 from gptforge.generate import check_sampling, sample, stop_set, use_decode_layout
 from gptforge.model import GPTModel, KVCache
-from gptforge.serve.logprobs import MAX_LOGPROBS, TokenLogprob, token_logprobs
+from gptforge.serve.logprobs import MAX_LOGPROBS, TokenLogprob, score_batches, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -459,15 +459,9 @@ class Engine:
         plain = [gen for gen in group if not gen.params.prompt_logprobs]
         scored = [gen for gen in group if gen.params.prompt_logprobs]
         parts = [plain] if plain else []
-        lengths = [len(gen.prompt) for gen in scored]
-        width, start = 0, 0
-        for i, n in enumerate(lengths):  # split in order, by padded size
-            if i > start and (i - start + 1) * max(width, n) > PROMPT_LOGPROBS_TOKENS:
-                parts.append(scored[start:i])
-                start, width = i, 0
-            width = max(width, n)
         if scored:
-            parts.append(scored[start:])
+            parts += [scored[a:b] for a, b in score_batches([len(g.prompt) for g in scored],
+                                                            PROMPT_LOGPROBS_TOKENS)]
         first: dict[Generation, int] = {}
         for part in parts:
             first.update(zip(part, self._prefill_part(part)))
