@@ -484,6 +484,7 @@ def test_every_task_matches_lm_evaluation_harness(tokenizer_dir, tmp_path, monke
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")  # lm-eval's (tiny) perplexity bootstrap in this process
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=512))
     model_dir = tmp_path / "tiny-hf"
@@ -495,7 +496,7 @@ def test_every_task_matches_lm_evaluation_harness(tokenizer_dir, tmp_path, monke
     names = _lm_eval_local_tasks(folder)
     out = lm_eval.simple_evaluate(model=HFLM(pretrained=str(model_dir), batch_size=4, device="cpu", dtype="float32"),
                                   tasks=names, num_fewshot=shots, task_manager=TaskManager(include_path=str(folder)),
-                                  log_samples=True, bootstrap_iters=0, fewshot_random_seed=1234)
+                                  log_samples=True, bootstrap_iters=2, fewshot_random_seed=1234)
 
     ours_model = load(model_dir, dtype=torch.float32)
     run = evaluate_tasks(ours_model, get_tokenizer(), ALL_TASKS, shots=shots, batch_size=4)
@@ -508,11 +509,18 @@ def test_every_task_matches_lm_evaluation_harness(tokenizer_dir, tmp_path, monke
         for metric in ("acc", "acc_norm", "perplexity"):
             if f"{metric},none" in theirs:
                 assert ours[task, metric].value == pytest.approx(theirs[f"{metric},none"], rel=1e-4), (task, metric)
+                if metric != "perplexity":  # lm-eval bootstraps that one; the rest are closed-form
+                    assert ours[task, metric].stderr == pytest.approx(theirs[f"{metric}_stderr,none"]), (task, metric)
     mmlu_prompts = fewshot_prompts(load_task("mmlu", shots), shots)
-    n_right = 0.0
+    n_right, stderrs, sizes = 0.0, [], []
     for subject in fixtures.MMLU:
         samples = sorted(out["samples"][f"x_mmlu_{subject}"], key=lambda s: s["doc_id"])
         mine = [p.requests() for p in mmlu_prompts if p.group == subject]
         assert [[tuple(a) for a in s["arguments"]] for s in samples] == mine, subject
         n_right += out["results"][f"x_mmlu_{subject}"]["acc,none"] * len(samples)
+        stderrs.append(out["results"][f"x_mmlu_{subject}"]["acc_stderr,none"])
+        sizes.append(len(samples))
+    from lm_eval.api.metrics import pooled_sample_stderr
+
     assert ours["mmlu", "acc"].value == pytest.approx(n_right / ours["mmlu", "acc"].n)
+    assert ours["mmlu", "acc"].stderr == pytest.approx(float(pooled_sample_stderr(stderrs, sizes)))
