@@ -532,3 +532,67 @@ def save_tokenizer_files(tokenizer: tiktoken.Encoding | HFTokenizer, out_dir: Pa
         shutil.copyfile(source / GENERATION_CONFIG_FILE, generation)
         written.append(generation)
     return written
+
+
+# -- exporting GPT-2's tokenizer in Hugging Face's formats -------------------------------------
+
+GPT2_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+
+
+def gpt2_merges(vocab_bpe: bytes) -> list[tuple[str, str]]:
+    """The merge rules of OpenAI's vocab.bpe, in rank order, as (left, right) pairs."""
+    lines = vocab_bpe.decode("utf-8").split("\n")
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    merges = []
+    for number, line in enumerate(lines, start=2):
+        if not line.strip():
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise CheckpointError(f"vocab.bpe line {number} is {line!r}, not two tokens; download the file again")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def gpt2_backend(encoder_json: bytes, vocab_bpe: bytes) -> tokenizers.Tokenizer:
+    """GPT-2's byte-level BPE as a `tokenizers.Tokenizer`, the same ids as gptforge's tiktoken one.
+
+    Built as Hugging Face's own GPT-2 tokenizer.json is: the vocabulary and merges of OpenAI's
+    files, byte-level pre-tokenization with GPT-2's split pattern and no prefix space, a
+    byte-level decoder, and `<|endoftext|>` as the one special token.
+    """
+    tokenizers = _import_tokenizers()
+    from tokenizers import decoders, models, pre_tokenizers, processors
+
+    from gptforge.tokenizer import ENDOFTEXT
+
+    vocab = json.loads(encoder_json)
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=gpt2_merges(vocab_bpe), fuse_unk=False,
+                                              byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.add_special_tokens([tokenizers.AddedToken(ENDOFTEXT, special=True, normalized=False)])
+    return backend
+
+
+def save_gpt2_tokenizer_files(out_dir: PathLike, directory: PathLike | None = None) -> list[Path]:
+    """Write GPT-2's tokenizer as Hugging Face ships it: tokenizer.json, vocab.json, merges.txt.
+
+    vocab.json and merges.txt are OpenAI's encoder.json and vocab.bpe (found as
+    `gptforge.tokenizer.get_tokenizer` finds them, or in `directory`); tokenizer.json is
+    `gpt2_backend` of them. Returns the paths written.
+    """
+    from gptforge.fileio import atomic_write_bytes
+    from gptforge.tokenizer import _load_files
+
+    encoder_json, vocab_bpe = _load_files(directory)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = gpt2_backend(encoder_json, vocab_bpe)
+    contents = (backend.to_str().encode("utf-8"), encoder_json, vocab_bpe)
+    paths = [out / name for name in GPT2_FILES]
+    for path, data in zip(paths, contents):
+        atomic_write_bytes(path, data)
+    return paths

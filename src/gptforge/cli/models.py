@@ -22,10 +22,15 @@ def add_commands(sub) -> None:
     p.add_argument("--revision", default=None, help="a Hub model's branch, tag or commit")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("convert", help="write a model in gptforge or Hugging Face format")
+    p = sub.add_parser("convert", help="write a model in gptforge or Hugging Face format, or as a GGUF file")
     p.add_argument("source")
-    p.add_argument("out")
-    p.add_argument("--to", choices=["gptforge", "hf"], default="gptforge")
+    p.add_argument("out", help="output directory; for --to gguf a .gguf file (or a directory to put "
+                               "model-<type>.gguf in)")
+    p.add_argument("--to", choices=["gptforge", "hf", "gguf"], default="gptforge",
+                   help="gptforge; hf (a directory transformers loads, tokenizer included); gguf (one file "
+                        "llama.cpp and Ollama load)")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16",
+                   help="how --to gguf stores the weight matrices (norms and biases stay f32); default f16")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into a plain gptforge model")
@@ -63,10 +68,19 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from gptforge.convert import convert
+    from pathlib import Path
 
-    check_output_dir(args.out, "the output directory", source=args.source)
-    print(convert(args.source, args.out, to=args.to))
+    from gptforge.convert import convert
+    from gptforge.errors import BadInputError
+
+    if args.to == "gguf" and args.out.endswith(".gguf"):
+        out = Path(args.out)
+        if out.is_dir():
+            raise BadInputError(f"the output file {out} is a directory; name a .gguf file to write")
+        check_output_dir(out.parent, "the output file's directory")
+    else:
+        check_output_dir(args.out, "the output directory", source=args.source)
+    print(convert(args.source, args.out, to=args.to, gguf_type=args.gguf_type))
     return 0
 
 

@@ -170,10 +170,11 @@ def read_hf_checkpoint(path: str | Path) -> tuple[GPTConfig, SafetensorsWeights]
     return cfg, SafetensorsWeights(files, cfg.tie_weights)
 
 
-def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
+def save_hf(model: GPTModel, out_dir: str | Path, special: dict | None = None) -> Path:
     """Save `model` as a Hugging Face GPT-2 directory (config.json + model.safetensors).
 
     The result loads with `transformers.GPT2LMHeadModel.from_pretrained(out_dir)`.
+    `special` (bos_token_id, eos_token_id, pad_token_id) goes into config.json.
     A model without QKV biases gets zero biases (the same function). Tensors are
     written one at a time, so saving needs no second copy of the model in memory.
     Returns the output directory.
@@ -190,5 +191,5 @@ def save_hf(model: GPTModel, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    atomic_write_json(out / CONFIG_NAME, hf_config(cfg, dtype))
+    atomic_write_json(out / CONFIG_NAME, {**hf_config(cfg, dtype), **(special or {})})
     return out
