@@ -153,8 +153,8 @@ def _score_batch(model, batch, results: list, on_progress) -> None:
         rest, targets, mask = rest.to(device), targets.to(device), mask.to(device)
         positions = torch.tensor([ctx_lens[g] for g, _, _ in rows], device=device)
         logits = model(rest, cache=row_cache, positions=positions).float()  # (R, T', V)
-        logp = torch.log_softmax(logits, dim=-1)
-        picked = logp.gather(2, targets[..., None])[..., 0]  # (R, T')
+        # log-softmax at the targets only: one (R, T', V) tensor instead of two
+        picked = logits.gather(2, targets[..., None])[..., 0] - logits.logsumexp(-1)  # (R, T')
         logprob = logprob + (picked * mask).sum(1)
         greedy = greedy & ((logits.argmax(-1) == targets) | ~mask).all(1)
     for r, (_, index, cont) in enumerate(rows):
