@@ -136,7 +136,8 @@ def format_table(labels: Sequence[str], rows: Sequence[tuple[str, list[str]]]) -
 
 def plot_report(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
     """Draw a bar chart of several runs' accuracies (one group of bars per task and metric,
-    error bars of one standard error) into the PNG `out`; perplexities are left out."""
+    error bars of one standard error) into the PNG `out`; a run without an entry gets no bar,
+    and perplexities are left out."""
     from gptforge.plotting import _pyplot
 
     labels, _, raw = compare_table(sources)
@@ -148,7 +149,7 @@ def plot_report(sources: Sequence[str | os.PathLike], out: str | os.PathLike) ->
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(raw) * max(1, len(labels) / 2)), 4))
     for j, label in enumerate(labels):
         xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(raw))]
-        values = [100 * found[j]["value"] if found[j] else 0.0 for _, found in raw]
+        values = [100 * found[j]["value"] if found[j] else math.nan for _, found in raw]  # NaN: no bar
         errors = [100 * (found[j].get("stderr") or 0.0) if found[j] else 0.0 for _, found in raw]
         ax.bar(xs, values, width, yerr=errors, capsize=3, label=label)
     ax.set_xticks(range(len(raw)))
