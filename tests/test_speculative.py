@@ -176,3 +176,44 @@ def test_bad_pairs_are_refused():
         speculative_generate(target, _gpt(1), PROMPT, 5, draft_tokens=0)
     with pytest.raises(BadInputError, match="context length"):
         speculative_generate(target, _gpt(1), list(range(97)), 5)
+
+
+def _saved(root, name: str, seed: int, layers: int) -> str:
+    from gptforge.checkpoint import save_model
+
+    torch.manual_seed(seed)
+    model = GPTModel(GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=4,
+                               n_layers=layers, drop_rate=0.0))
+    save_model(model, root / name)
+    return str(root / name)
+
+
+def test_generate_and_chat_with_a_draft_print_the_same_text(tmp_path, capsys, monkeypatch):
+    import io
+
+    from gptforge.cli import main
+
+    target, draft = _saved(tmp_path, "target", 0, 2), _saved(tmp_path, "draft", 1, 1)
+    args = ["generate", "--model", target, "--prompt", "Every effort moves you", "--max-new-tokens", "20"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--draft", draft, "--draft-tokens", "3"]) == 0
+    assert capsys.readouterr().out == plain
+    outputs = []
+    for extra in ([], ["--draft", draft]):
+        monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n/exit\n"))
+        assert main(["chat", "--model", target, "--max-new-tokens", "12", *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and len(outputs[0]) > len(">>> >>> ")
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tmp_path, capsys):
+    from gptforge.checkpoint import save_model
+    from gptforge.cli import main
+
+    target = _saved(tmp_path, "target", 0, 1)
+    save_model(_gpt(1, vocab=1000, ctx=64), tmp_path / "small-vocab")
+    assert main(["generate", "--model", target, "--prompt", "Hi", "--draft",
+                 str(tmp_path / "small-vocab")]) == 2
+    err = capsys.readouterr().err
+    assert "draft" in err and ("tokenizer" in err or "vocabulary" in err)

@@ -495,7 +495,7 @@ class TextStream:
 
 def stream_text(model: GPTModel, prompt: str, max_new_tokens: int = 50, tokenizer=None,
                 stop_at_eos: bool = True, stop_ids: StopIds = None, stop_texts: Sequence[str] = (),
-                **sampling) -> Iterator[str]:
+                draft: nn.Module | None = None, draft_tokens: int = 4, **sampling) -> Iterator[str]:
     """Generate from a text prompt and yield the continuation as text pieces.
 
     Bytes of a character split across tokens are held back until complete, so every
@@ -504,7 +504,9 @@ def stream_text(model: GPTModel, prompt: str, max_new_tokens: int = 50, tokenize
     `stop_at_eos` is False, and at the first of the `stop_texts` (a prompt
     template's end-of-response markers, such as Alpaca's "\\n\\n### "); neither
     the stop id nor the stop text is yielded (see `TextStream`). `sampling` takes
-    generate_stream's keyword arguments.
+    generate_stream's keyword arguments. With a `draft` model (same tokenizer), the
+    tokens come from speculative decoding (`gptforge.speculative`), `draft_tokens`
+    proposed at a time: the same text, faster when the draft often agrees.
     """
     from gptforge.tokenizer import EOT_ID, get_tokenizer, text_to_ids
 
@@ -514,7 +516,14 @@ def stream_text(model: GPTModel, prompt: str, max_new_tokens: int = 50, tokenize
         stop_ids = getattr(tokenizer, "eos_ids", None) or EOT_ID
     stops = set(stop_set(stop_ids)) if stop_at_eos else set()
     text = TextStream(tokenizer, stop_texts)
-    steps = generate_stream(model, ids, max_new_tokens, eos_id=stops or None, **sampling)
+    if draft is None:
+        steps = generate_stream(model, ids, max_new_tokens, eos_id=stops or None, **sampling)
+    else:
+        from gptforge.speculative import speculative_stream
+
+        proposed = speculative_stream(model, draft, ids[0].tolist(), max_new_tokens, draft_tokens,
+                                      eos_id=stops or None, **sampling)
+        steps = (torch.tensor([t]) for t in proposed)
     try:
         for next_ids in steps:
             token = int(next_ids[0])

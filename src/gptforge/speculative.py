@@ -99,6 +99,18 @@ def check_pair(target: nn.Module, draft: nn.Module) -> None:
                             "on the same device")
 
 
+def check_tokenizers(target_tokenizer, draft_tokenizer) -> None:
+    """Refuse a draft whose tokenizer splits text differently from the target's: its
+    proposals would be ids of other pieces of text."""
+    sample = "Every effort moves you, 1234 times: naïve café ünïcode\n\n### Response:"
+    same = (target_tokenizer.n_vocab == draft_tokenizer.n_vocab
+            and target_tokenizer.encode(sample) == draft_tokenizer.encode(sample))
+    if not same:
+        raise BadInputError("the draft model's tokenizer is not the target model's: speculative "
+                            "decoding needs a draft that shares the target's tokenizer (e.g. a "
+                            "smaller model of the same family, or a GPT-2 model for a GPT-2 target)")
+
+
 @torch.inference_mode()
 def speculative_stream(
     target: nn.Module,

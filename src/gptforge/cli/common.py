@@ -138,6 +138,31 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 50) -> N
     p.add_argument("--seed", type=seed_int, default=None, help="seed for reproducible sampling")
 
 
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding's flags (generate, chat, serve)."""
+    p.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a smaller model with the same tokenizer that proposes tokens for --model "
+                        "to check in one pass (speculative decoding): the same text, faster when "
+                        "the draft often guesses right")
+    p.add_argument("--draft-tokens", type=positive_int, default=4,
+                   help="tokens the draft proposes per check (default 4)")
+
+
+def load_draft(args: argparse.Namespace, target, target_tokenizer):
+    """The --draft model, loaded like --model and checked against it (None without --draft)."""
+    if not args.draft:
+        return None
+    from gptforge.data import check_language_model
+    from gptforge.loader import load, tokenizer_for
+    from gptforge.speculative import check_pair, check_tokenizers
+
+    draft = load(args.draft, device=args.device)
+    check_language_model(draft, args.draft)
+    check_tokenizers(target_tokenizer, tokenizer_for(args.draft))
+    check_pair(target, draft)
+    return draft
+
+
 def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """generate_stream's sampling keywords from the flags (checked, with a seeded generator)."""
     import torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptforge.cli.common import add_device_arg, add_sampling_args, sampling_from_args
+from gptforge.cli.common import add_device_arg, add_draft_args, add_sampling_args, load_draft, sampling_from_args
 from gptforge.errors import BadInputError
 
 
@@ -18,7 +18,8 @@ def add_commands(sub) -> None:
     add_sampling_args(p)
     p.add_argument("--no-cache", action="store_true", help="recompute every position (slow)")
     p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weight-only linear layers (CPU)")
+                   help="int8 weight-only linear layers (CPU; the --draft model's too)")
+    add_draft_args(p)
     add_device_arg(p)
     p.set_defaults(func=cmd_generate)
 
@@ -48,16 +49,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     model = load(args.model, device=args.device)
     check_language_model(model, args.model)
+    tokenizer = tokenizer_for(args.model)  # GPT-2's BPE, or the model's own tokenizer.json
+    draft = load_draft(args, model, tokenizer)
     if args.quantize:
         from gptforge.quantize import quantize_int8
 
         model = quantize_int8(model)
+        draft = quantize_int8(draft) if draft is not None else None
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    tokenizer = tokenizer_for(args.model)  # GPT-2's BPE, or the model's own tokenizer.json
     stops = _instruction_stops(args.model, tokenizer)
     for piece in stream_text(model, args.prompt, args.max_new_tokens, tokenizer, use_cache=not args.no_cache,
-                             **stops, **sampling):
+                             draft=draft, draft_tokens=args.draft_tokens, **stops, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

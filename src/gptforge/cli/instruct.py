@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gptforge.cli.common import (
     add_device_arg,
+    add_draft_args,
     add_sampling_args,
     add_train_args,
     allocation_guard,
@@ -19,6 +20,7 @@ from gptforge.cli.common import (
     dropout_rate,
     finetune_group,
     http_url,
+    load_draft,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -218,6 +220,7 @@ def _add_chat(sub) -> None:
                    help="earlier exchanges shown to the model (0: none)")
     add_device_arg(p)
     add_sampling_args(p, max_new_tokens=256)
+    add_draft_args(p)
     p.set_defaults(func=cmd_chat)
 
 
@@ -233,6 +236,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     gen = importlib.import_module("gptforge.generate")
     sampling = sampling_from_args(args)
     model, meta, tokenizer = _load_model(args.model, args.device)
+    draft = load_draft(args, model, tokenizer)
     template = _template(args.template, meta, tokenizer)
     stops = end_ids(tokenizer, template)
     ctx = model.cfg.context_length
@@ -271,7 +275,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         pieces: list[str] = []
         try:
             for piece in gen.stream_text(model, prompt, args.max_new_tokens, tokenizer, stop_ids=stops,
-                                         stop_texts=template.end_markers, **sampling):
+                                         stop_texts=template.end_markers, draft=draft,
+                                         draft_tokens=args.draft_tokens, **sampling):
                 if not pieces:
                     piece = piece.lstrip()  # the answer starts at its first visible character
                     if not piece:
