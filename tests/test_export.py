@@ -128,17 +128,18 @@ def test_gpt2_export_runs_in_a_pipeline_with_gptforges_greedy_text(gpt2_dirs, tm
 
 def test_gpt2_export_tokenizer_is_gpt2s_vocabulary(gpt2_dirs, tmp_path, verdict_text):
     out = convert(gpt2_dirs["lm"], tmp_path / "hf", to="hf")
+    from gptforge.tokenizer import _load_files
+
     ours = get_tokenizer()
-    assert (out / "vocab.json").read_bytes() == (out / "vocab.json").read_bytes()
-    for files in ({}, {"tokenizer_file": None}):  # tokenizer.json, then vocab.json + merges.txt alone
-        if files:
-            slow = tmp_path / "slow"
-            slow.mkdir()
-            for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-                (slow / name).write_bytes((out / name).read_bytes())
-            tok = transformers.AutoTokenizer.from_pretrained(slow)
-        else:
-            tok = transformers.AutoTokenizer.from_pretrained(out)
+    encoder_json, vocab_bpe = _load_files(None)
+    assert (out / "vocab.json").read_bytes() == encoder_json and (out / "merges.txt").read_bytes() == vocab_bpe
+    # without tokenizer.json, a tokenizer is built from vocab.json + merges.txt
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        (slow / name).write_bytes((out / name).read_bytes())
+    for folder in (out, slow):
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
         assert len(tok) == 50257
         assert tok.model_max_length == 64
         paragraph = _first_paragraph(verdict_text)
@@ -220,7 +221,8 @@ def test_llama_export_keeps_the_bos_and_all_stop_ids(llama3_dir, tmp_path):
     assert generation["bos_token_id"] == 128000
     assert {128001, 128008, 128009} <= set(generation["eos_token_id"])
     pipe = transformers.pipeline("text-generation", str(out))
-    assert pipe(PROMPT, max_new_tokens=6, do_sample=False)[0]["generated_text"] == _ours_greedy(llama3_dir, PROMPT, 6, out)
+    got = pipe(PROMPT, max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert got == _ours_greedy(llama3_dir, PROMPT, 6, out)
 
 
 # ------------------------------------------------------------------------------------
