@@ -405,6 +405,10 @@ def test_gemma3_gguf_shifts_norms(tmp_path, tokenizer_dir):
     meta = _fields(reader)
     assert meta["gemma3.attention.sliding_window"] == 16 and meta["gemma3.attention.key_length"] == 16
     assert meta["tokenizer.ggml.model"] in ("llama", "gpt2") and len(meta["tokenizer.ggml.tokens"]) == 262_144
+    ours = load_tokenizer(src)
+    assert meta["tokenizer.ggml.bos_token_id"] == ours._backend.token_to_id(ours.bos_token)
+    unk = ours._backend.token_to_id("<unk>")
+    assert meta.get("tokenizer.ggml.unknown_token_id") == unk and meta["tokenizer.ggml.tokens"][unk] == "<unk>"
 
 
 def test_cli_converts_to_gguf(gpt2_dirs, tmp_path, capsys):

@@ -238,6 +238,17 @@ def _hf_vocab(gguf, tokenizer) -> tuple[list[str], list[int], list[str], list[fl
     return tokens, types, [], scores, "llama"
 
 
+def _unknown_id(tokenizer) -> int | None:
+    """The id of the tokenizer's unknown token, if it has one (GPT-2's byte-level BPE has none)."""
+    from gptforge.hf_tokenizer import HFTokenizer
+
+    if not isinstance(tokenizer, HFTokenizer):
+        return None
+    text = tokenizer.special_tokens_map.get("unk_token") or json.loads(tokenizer._backend.to_str())["model"].get(
+        "unk_token")
+    return tokenizer._backend.token_to_id(text) if text else None
+
+
 def _add_tokenizer(writer, gguf, model_cfg, arch: str, tokenizer, tokens) -> None:
     from gptforge.hf_tokenizer import HFTokenizer
 
@@ -271,6 +282,9 @@ def _add_tokenizer(writer, gguf, model_cfg, arch: str, tokenizer, tokens) -> Non
             writer.add_eot_token_id(tokens.eos_ids[0])
     if tokens.pad_id is not None:
         writer.add_pad_token_id(tokens.pad_id)
+    unk = _unknown_id(tokenizer)
+    if unk is not None:  # else llama.cpp's SentencePiece vocabulary takes id 0
+        writer.add_unk_token_id(unk)
     writer.add_add_bos_token(tokens.add_bos)
     writer.add_add_eos_token(False)
     if tokens.chat_template:
