@@ -418,3 +418,16 @@ def test_cli_converts_to_gguf(gpt2_dirs, tmp_path, capsys):
     assert main(["convert", str(gpt2_dirs["lm"]), str(out), "--to", "gguf", "--gguf-type", "q8_0"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert _fields(gguf.GGUFReader(out))["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+
+
+def test_qwen_with_biases_is_written_as_qwen2(tmp_path, tokenizer_dir):
+    cfg = DecoderConfig(**{**QWEN3, "n_layers": 1, "qk_norm": False, "qkv_bias": True, "tie_weights": False})
+    src = _family_dir(tmp_path / "qwen2", tokenizer_dir("qwen3"), cfg)
+    hf = convert(src, tmp_path / "hf", to="hf", dtype=torch.float32)
+    assert json.loads((hf / "config.json").read_text())["model_type"] == "qwen2"
+    reader = gguf.GGUFReader(convert(src, tmp_path / "q.gguf", to="gguf", gguf_type="f32"))
+    _check_tensors(reader, _expected_from_hf(hf, "qwen2", cfg.n_layers, cfg), "f32")
+    meta = _fields(reader)
+    assert meta["general.architecture"] == "qwen2" and meta["tokenizer.ggml.pre"] == "qwen2"
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias", "output.weight"} <= {
+        t.name for t in reader.tensors}
