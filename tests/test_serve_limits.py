@@ -199,7 +199,7 @@ def test_a_classify_is_bounded_by_the_timeout(dirs):
     ("/v1/completions", {"prompt": "x", "stop": "s" * 501}, 400, None, "500 characters"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": ["z"] * 9},
      400, None, "at most 4"),
-    ("/v1/completions", {"prompt": ["a"] * 1000}, 400, None, "one prompt per request"),
+    ("/v1/completions", {"prompt": ["a"] * 1000}, 413, "too_many_prompts", "at most 256"),
     ("/v1/completions", {"prompt": "x", "n": 100}, 400, None, "n=1"),
 ])
 def test_every_endpoint_bounds_its_requests(url, path, body, status, code, needle):

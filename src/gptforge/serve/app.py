@@ -58,11 +58,6 @@ log = logging.getLogger(__name__)
 PAGE = Path(__file__).parent / "static" / "index.html"
 # Paths open without the API key: the page itself (it asks for the key) and the health check.
 OPEN_PATHS = frozenset({"/", "/health"})
-# Chat answers end where the model starts writing the template's next section.
-CHAT_STOPS: dict[str, tuple[str, ...]] = {
-    "alpaca": ("\n\n### Instruction:", "\n\n### Input:", "\n\n### Response:"),
-    "phi3": ("<|user|>", "<|assistant|>", "<|end|>"),
-}
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS = 256  # prompts in one completions request (one choice each)
 # One step of a scoring job (echo with max_tokens 0): prompts x padded length.
@@ -934,7 +929,7 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         # Without max_tokens a chat answer may fill the rest of the context (the engine stops there).
         params = _sampling(body, max_tokens, served.context_length,
-                           CHAT_STOPS.get(served.template.name, ()))  # a chat template stops at end-of-turn ids
+                           served.template.end_markers)  # where the template's next section begins
         prompt = await asyncio.to_thread(_chat_prompt, body, served)
         _check_length(prompt, served.context_length, "messages")
         return await _respond(request, served, [_Prompt(prompt, "")], params, bool(body.stream),

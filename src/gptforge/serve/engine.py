@@ -22,13 +22,12 @@ A request may ask for the log-probabilities of the tokens it generates
 prompt's come from the same prefill pass that starts its generation, its logits
 kept at every position instead of the last only.
 
-`TextStream` turns a request's token ids into text and cuts it at the first stop
-sequence.
+`TextStream` (from gptforge.generate, shared with the command line) turns a
+request's token ids into text and cuts it at the first stop sequence.
 """
 
 from __future__ import annotations
 
-import codecs
 import collections
 import concurrent.futures
 import dataclasses
@@ -41,7 +40,7 @@ from typing import Any, Callable, Collection, Sequence
 import torch
 
 from gptforge.errors import BadInputError
-from gptforge.generate import check_sampling, sample, stop_set, use_decode_layout
+from gptforge.generate import TextStream, check_sampling, sample, stop_set, use_decode_layout
 from gptforge.model import GPTModel, KVCache
 from gptforge.serve.logprobs import MAX_LOGPROBS, TokenLogprob, score_batches, token_logprobs
 
@@ -98,46 +97,6 @@ class Event:
     error: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
-
-
-class TextStream:
-    """Token ids in, text pieces out, ending at the first of the `stop` sequences.
-
-    Bytes of a character split across tokens are held back until complete, and
-    so is any tail of the text that could be the start of a stop sequence, so
-    the text released never contains (or begins) a stop sequence.
-    """
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(s for s in stop if s)
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._held = ""  # text that might begin a stop sequence
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Add one token; return (text to release, whether a stop sequence was reached)."""
-        text = self._held + self._decoder.decode(self.tokenizer.decode_single_token_bytes(token))
-        return self._release(text)
-
-    def finish(self) -> str:
-        """The text still held back, once generation has ended without a stop sequence."""
-        text, stopped = self._release(self._held + self._decoder.decode(b"", final=True))
-        held, self._held = self._held, ""
-        return text if stopped else text + held
-
-    def _release(self, text: str) -> tuple[str, bool]:
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            self._held = ""
-            return text[:min(cuts)], True
-        keep = 0  # the longest tail of `text` that a stop sequence starts with
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), keep, -1):
-                if text.endswith(s[:n]):
-                    keep = n
-                    break
-        self._held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
 
 
 @dataclass(eq=False)
