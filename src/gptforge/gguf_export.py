@@ -360,7 +360,8 @@ def write_gguf(model, path: str | os.PathLike, tokenizer, tokens, file_type: str
         _add_tokenizer(writer, gguf, cfg, arch, tokenizer, tokens)
         plans = []
         for tensor_name, fn in tensors:
-            shape = tuple(fn().shape)  # the functions compute lazily; this is cheap for views
+            # Only the shape, now: the header lists every tensor before the first one's data.
+            shape = tuple(fn().shape)
             plans.append((tensor_name, fn, shape, _storage(gguf, tensor_name, shape, file_type)))
         for tensor_name, _, shape, qtype in plans:
             byte_shape, dtype = _stored_shape(gguf, shape, qtype)
