@@ -33,6 +33,7 @@ from torch import nn
 
 from gptforge.errors import BadInputError
 from gptforge.generate import StopIds, check_sampling, decode_one, filter_logits, stop_set, use_decode_layout
+from gptforge.model import KVCache
 
 
 @dataclass
@@ -49,14 +50,22 @@ class SpeculationStats:
         return self.accepted / self.proposed if self.proposed else 0.0
 
 
-class _Sequence:
-    """One model's view of the growing token sequence: it feeds the model only the
-    tokens its KV cache does not hold yet (all of them, windowed, without a cache)."""
+class Sequence1:
+    """One model's view of one growing token sequence: it feeds the model only the
+    tokens its KV cache (one row) does not hold yet; all of them, without a cache.
 
-    def __init__(self, model: nn.Module, use_cache: bool, max_len: int) -> None:
+    `cached` leading tokens of the sequence are in `cache`: a server that already
+    holds a request's keys and values passes its own row and count.
+    """
+
+    def __init__(self, model: nn.Module, cache: KVCache | None, cached: int = 0) -> None:
         self.model = model
-        self.cache = model.new_cache(1, max_len) if use_cache else None
-        self.cached = 0  # how many leading tokens of the sequence the cache holds
+        self.cache = cache
+        self.cached = cached  # how many leading tokens of the sequence the cache holds
+
+    @classmethod
+    def new(cls, model: nn.Module, use_cache: bool, max_len: int) -> Sequence1:
+        return cls(model, model.new_cache(1, max_len) if use_cache else None)
 
     def logits(self, tokens: list[int], last: int) -> torch.Tensor:
         """Logits (last, V) that follow each of the last `last` tokens of `tokens`."""
@@ -149,8 +158,8 @@ def speculative_stream(
     for model in (target, draft):
         model.eval()
         use_decode_layout(model)
-    big = _Sequence(target, use_cache, ctx)
-    small = _Sequence(draft, use_cache, ctx)
+    big = Sequence1.new(target, use_cache, ctx)
+    small = Sequence1.new(draft, use_cache, ctx)
     greedy = temperature == 0.0
     produced = 0
     while produced < max_new_tokens:
@@ -160,7 +169,7 @@ def speculative_stream(
             logits = decode_one(target, None, window, [len(tokens)])[0]
             new = [_pick(logits, greedy, temperature, top_k, top_p, generator)]
         else:
-            new = _round(big, small, tokens, k, greedy, temperature, top_k, top_p, generator, stats)
+            new = speculate(big, small, tokens, k, greedy, temperature, top_k, top_p, generator, stats)
         for token in new[:max_new_tokens - produced]:
             tokens.append(token)
             produced += 1
@@ -177,10 +186,12 @@ def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int | N
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _round(big: _Sequence, small: _Sequence, tokens: list[int], k: int, greedy: bool,
+def speculate(big: Sequence1, small: Sequence1, tokens: list[int], k: int, greedy: bool,
            temperature: float, top_k: int | None, top_p: float | None,
            generator: torch.Generator | None, stats: SpeculationStats) -> list[int]:
-    """One draft-then-verify round: the tokens it keeps (1 to k + 1 of them)."""
+    """One draft-then-verify round after `tokens`: the tokens it keeps (1 to k + 1 of
+    them). Afterwards both sequences hold the keys and values of `tokens` and of the
+    kept tokens but the last."""
     n = len(tokens)
     proposal, draft_probs = list(tokens), []
     for _ in range(k):  # the draft proposes k tokens, one at a time

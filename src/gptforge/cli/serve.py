@@ -8,7 +8,7 @@ import math
 import os
 import sys
 
-from gptforge.cli.common import add_device_arg
+from gptforge.cli.common import add_device_arg, add_draft_args
 from gptforge.errors import BadInputError, GptforgeError
 
 SERVE_EXTRA_HINT = "pip install 'gptforge[serve]'"
@@ -54,6 +54,9 @@ def add_commands(sub) -> None:
                         "(repeatable; '*' for any)")
     p.add_argument("--model-id", default=None,
                    help="model id clients send (default: the run directory's or preset's name)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="serve int8 weight-only linear layers (CPU; the --draft model's too)")
+    add_draft_args(p)
     add_device_arg(p)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: PyTorch's choice; 1 is often faster "
@@ -102,7 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      max_active=args.max_active, model_id=args.model_id,
                      body_timeout=args.body_timeout, max_classify_texts=args.max_classify_texts,
                      max_classify_tokens=args.max_classify_tokens, allowed_hosts=hosts,
-                     cors_origins=args.cors_origin)
+                     cors_origins=args.cors_origin, quantize=args.quantize, draft=args.draft,
+                     draft_tokens=args.draft_tokens)
     if not api_key and not _is_loopback(args.host):
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this "
               f"machine can use the model", file=sys.stderr)

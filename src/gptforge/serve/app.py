@@ -792,7 +792,9 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
                max_body_bytes: int = 1_000_000, device: str = "cpu", max_active: int = 16,
                model_id: str | None = None, body_timeout: float = 30.0,
                max_classify_texts: int = 256, max_classify_tokens: int = 65536,
-               allowed_hosts: Sequence[str] = (), cors_origins: Sequence[str] = ()) -> FastAPI:
+               allowed_hosts: Sequence[str] = (), cors_origins: Sequence[str] = (),
+               quantize: str | None = None, draft: str | os.PathLike | GPTModel | None = None,
+               draft_tokens: int = 4) -> FastAPI:
     """Build the server app for a language model and, optionally, a classifier.
 
     `model_dir` is a run directory, checkpoint or preset name (anything `gptforge
@@ -805,8 +807,11 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
     advance together; `max_classify_texts` and `max_classify_tokens` bound one
     classify request. Requests must name a loopback host or one of
     `allowed_hosts` in their Host header; `cors_origins` lists the web origins
-    whose pages may call the API. Settings are checked before any model loads.
-    The engine's worker starts and stops with the app (its lifespan).
+    whose pages may call the API. `quantize="int8"` serves int8 weights (CPU);
+    `draft` is a smaller model with the same tokenizer that speeds up a request
+    decoding alone by speculative decoding (`draft_tokens` proposed per check).
+    Settings are checked before any model loads. The engine's worker starts and
+    stops with the app (its lifespan).
     """
     from gptforge.finetune.instruct import end_ids, template_of
     from gptforge.loader import tokenizer_for
@@ -822,7 +827,12 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
             raise BadInputError(f"{name} must be at least 1, got {value}")
     _check_hosts(allowed_hosts)
     origins = _check_origins(cors_origins)
+    if quantize not in (None, "int8"):
+        raise BadInputError(f"quantize must be 'int8' or None, got {quantize!r}")
+    if quantize and device != "cpu":
+        raise BadInputError(f"int8 weights are served on the CPU only, not on {device}")
     model, meta = _load_language_model(model_dir, device)
+    draft_model = _load_language_model(draft, device)[0] if draft is not None else None
     classifier, classifier_id = None, None
     if classifier_dir is not None:
         from gptforge.finetune.classify import TextClassifier
@@ -834,7 +844,17 @@ def create_app(model_dir: str | os.PathLike | GPTModel, classifier_dir: str | os
         classifier_id = classifier_id + "-classifier" if classifier_id == lm_id else classifier_id
     tokenizer = get_tokenizer() if isinstance(model_dir, nn.Module) else tokenizer_for(model_dir)
     template = template_of(meta, tokenizer=tokenizer)
-    engine = Engine(model, tokenizer, eos_id=end_ids(tokenizer, template), max_active=max_active)
+    if draft_model is not None and not isinstance(draft, nn.Module):
+        from gptforge.speculative import check_tokenizers
+
+        check_tokenizers(tokenizer, tokenizer_for(draft))
+    if quantize:
+        from gptforge.quantize import quantize_int8
+
+        model = quantize_int8(model)
+        draft_model = quantize_int8(draft_model) if draft_model is not None else None
+    engine = Engine(model, tokenizer, eos_id=end_ids(tokenizer, template), max_active=max_active,
+                    draft=draft_model, draft_tokens=draft_tokens)
     served = ServedModels(model, lm_id, meta, engine, tokenizer, classifier, classifier_id, timeout, template)
     page = PAGE.read_text(encoding="utf-8")
 

@@ -38,11 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Sequence
 
 import torch
+from torch import nn
 
 from gptforge.errors import BadInputError
 from gptforge.generate import TextStream, check_sampling, sample, stop_set, use_decode_layout
 from gptforge.model import GPTModel, KVCache
 from gptforge.serve.logprobs import MAX_LOGPROBS, TokenLogprob, score_batches, token_logprobs
+from gptforge.speculative import Sequence1, SpeculationStats, check_pair, speculate
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +155,26 @@ class Engine:
     """
 
     def __init__(self, model: GPTModel, tokenizer, eos_id: int | Collection[int] | None = None,
-                 max_active: int = 16) -> None:
+                 max_active: int = 16, draft: nn.Module | None = None, draft_tokens: int = 4) -> None:
         if max_active < 1:
             raise BadInputError(f"max_active must be at least 1, got {max_active}")
+        if draft is not None:
+            check_pair(model, draft)
+            if draft_tokens < 1:
+                raise BadInputError(f"draft_tokens must be at least 1, got {draft_tokens}")
         self.model = model.eval()
+        # Speculative decoding while one request decodes alone (a batch already reads the
+        # weights once for many tokens): the draft's one-row cache follows that request.
+        self.draft = draft.eval() if draft is not None else None
+        self.draft_tokens = draft_tokens
+        self._drafting: tuple[Generation, Sequence1] | None = None
         self.tokenizer = tokenizer
         self.stop_ids = frozenset(stop_set(eos_id))  # any of them ends a generation
         self.max_active = max_active
         self.context_length = model.cfg.context_length
         self.stats: dict[str, int] = collections.Counter(
-            submitted=0, completed=0, cancelled=0, timed_out=0, failed=0, tokens=0, job_steps=0)
+            submitted=0, completed=0, cancelled=0, timed_out=0, failed=0, tokens=0, job_steps=0,
+            draft_proposed=0, draft_accepted=0)
         self._queue: collections.deque[Generation] = collections.deque()
         self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._jobs: collections.deque[Job] = collections.deque()  # they take turns: the first goes next
@@ -359,7 +371,10 @@ class Engine:
         self._free_rows(finished)
         decoding = list(self._rows)  # rows 0 .. n-1; the prompts get the rows after them
         prompts = [gen for gen in live if gen not in decoding]
-        for group, step in ((prompts, self._prefill), (decoding, self._decode)):
+        if self._drafting is not None and self._drafting[0] not in decoding:
+            self._drafting = None  # its request finished: the next solo one starts afresh
+        decode = self._speculate if self._speculates(decoding) else self._decode
+        for group, step in ((prompts, self._prefill), (decoding, decode)):
             if not group:
                 continue
             try:
@@ -372,9 +387,48 @@ class Engine:
                                           error=f"{type(err).__name__}: {err}"))
                 finished += group
                 continue
+            if step == self._speculate:  # one request, one token or more
+                if any(self._report(group[0], token) for token in tokens):
+                    finished.append(group[0])
+                continue
             finished += [gen for gen, token in zip(group, tokens) if self._report(gen, token)]
         self._free_rows(finished)
         return finished
+
+    def _speculates(self, decoding: list[Generation]) -> bool:
+        """Whether this turn's decoding is one request that speculative decoding can serve:
+        a draft is loaded, the request is alone, wants no logprobs and has room for drafts."""
+        if self.draft is None or len(decoding) != 1:
+            return False
+        gen = decoding[0]
+        return (gen.params.logprobs is None and gen.params.max_tokens - gen.generated >= 2
+                and len(gen.tokens) + 2 <= self.context_length)
+
+    @torch.inference_mode()
+    def _speculate(self, group: list[Generation]) -> list[int]:
+        """One draft-then-verify round for the one decoding request (on cache row 0): the
+        tokens it keeps, appended to the request's tokens."""
+        gen = group[0]
+        if self._drafting is None or self._drafting[0] is not gen:
+            draft_ctx = min(self.context_length, self.draft.cfg.context_length)
+            use_decode_layout(self.draft)
+            self._drafting = (gen, Sequence1(self.draft, self.draft.new_cache(1, draft_ctx)))
+        small = self._drafting[1]
+        p = gen.params
+        k = min(self.draft_tokens, p.max_tokens - gen.generated - 1,
+                self.context_length - len(gen.tokens) - 1,
+                self.draft.cfg.context_length - len(gen.tokens) - 1)
+        if k < 1:
+            return self._decode(group)
+        big = Sequence1(self.model, self._cache.rows(0, 1), gen.cached)
+        stats = SpeculationStats()
+        kept = speculate(big, small, gen.tokens, k, p.temperature == 0.0, p.temperature, p.top_k,
+                         p.top_p, gen.generator, stats)
+        self.stats["draft_proposed"] += stats.proposed
+        self.stats["draft_accepted"] += stats.accepted
+        gen.cached = big.cached
+        gen.tokens += kept
+        return kept
 
     def _report(self, gen: Generation, token: int) -> bool:
         """Send `gen`'s new token on as text; True once `gen` is finished."""
