@@ -2,10 +2,13 @@
 
 Starts `gptforge serve` in its own process on 127.0.0.1 (so the clients here do not
 share its interpreter), sends a fixed number of streamed completion requests at
-each concurrency level, prints a Markdown table and stops the server.
+each concurrency level, prints a Markdown table and stops the server. With
+--options it does that once per server setting, a fresh server each: "plain",
+"int8" (--quantize int8), "draft" (--draft MODEL) and "int8+draft".
 
     PYTHONPATH=src python benchmarks/serve.py                    # a small random model
     PYTHONPATH=src python benchmarks/serve.py --model gpt2-small --requests 32 --max-tokens 64
+    PYTHONPATH=src python benchmarks/serve.py --model RUN --draft DRAFT_RUN --options plain int8 draft int8+draft
 
 Without --model it builds a small random GPT (4 layers, 256 wide, 256 positions)
 in a temporary directory; the numbers measure serving, not the text's quality.
@@ -48,14 +51,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+OPTIONS = {"plain": [], "int8": ["--quantize", "int8"], "draft": ["draft"],
+           "int8+draft": ["--quantize", "int8", "draft"]}
+
+
 def start_server(model: str, port: int, device: str, max_active: int,
-                 threads: int | None) -> subprocess.Popen:
+                 threads: int | None, extra: list[str] = ()) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "gptforge.cli", "serve", "--model", model, "--port", str(port),
            "--device", device, "--max-active", str(max_active), "--timeout", "0"]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd + list(extra), env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -124,30 +131,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="the server's PyTorch CPU threads")
+    p.add_argument("--options", nargs="+", choices=list(OPTIONS), default=["plain"],
+                   help="server settings to compare, a fresh server each (default: plain)")
+    p.add_argument("--draft", default=None, help="the draft model of the 'draft' options")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
+    if any("draft" in o for o in args.options) and not args.draft:
+        p.error("the draft options need --draft MODEL")
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(build_small_model(Path(tmp)))
-        port = free_port()
-        server = start_server(model, port, args.device, max(args.concurrency), args.threads)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            asyncio.run(run_level(base, 1, 2, args.max_tokens))  # warm-up
-            rows = [asyncio.run(run_level(base, c, args.requests, args.max_tokens))
-                    for c in args.concurrency]
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        for option in args.options:
+            extra = [x for flag in OPTIONS[option] for x in (["--draft", args.draft] if flag == "draft" else [flag])]
+            port = free_port()
+            server = start_server(model, port, args.device, max(args.concurrency), args.threads, extra)
+            base = f"http://127.0.0.1:{port}"
+            try:
+                asyncio.run(run_level(base, 1, 2, args.max_tokens))  # warm-up
+                rows += [{"option": option, **asyncio.run(run_level(base, c, args.requests, args.max_tokens))}
+                         for c in args.concurrency]
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
 
     threads = args.threads or "PyTorch's default"
-    print(f"\nmodel: {args.model or 'small random GPT (4 layers, 256 wide)'}, device: {args.device}, "
-          f"server threads: {threads}, {args.requests} streamed requests x {args.max_tokens} tokens "
-          f"per level, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
-    print("| clients | requests/s | tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | latency p50 (ms) |")
-    print("|--:|--:|--:|--:|--:|--:|")
+    print(f"\nmodel: {args.model or 'small random GPT (4 layers, 256 wide)'}, draft: {args.draft}, "
+          f"device: {args.device}, server threads: {threads}, {args.requests} streamed requests x "
+          f"{args.max_tokens} tokens per level, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}\n")
+    print("| server | clients | requests/s | tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | latency p50 (ms) |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+        print(f"| {r['option']} | {r['concurrency']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
               f"{r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['latency_p50_ms']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
