@@ -335,15 +335,52 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _order(self) -> list[int]:
+        """This epoch's order of the dataset's indices."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+            return torch.randperm(self.n, generator=g).tolist()
+        return list(range(self.n))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self._order()
         per_rank = self.batch_size // self.world_size
         for b in range(self.start_batch, len(self)):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
             if self.world_size > 1:
                 batch = batch[self.rank * per_rank:(self.rank + 1) * per_rank]
             yield batch
+
+
+def _global_int64() -> int:
+    """One 64-bit draw from torch's global RNG, as DataLoader and RandomSampler make theirs."""
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+class GlobalSeedBatchSampler(ResumableBatchSampler):
+    """Batches drawn from torch's global RNG exactly as `DataLoader(data, batch_size,
+    shuffle=..., drop_last=...)` without a generator draws them, on one process.
+
+    Each pass such a loader makes draws a 64-bit base seed when its iterator is created
+    (for its workers, drawn even with none), and a shuffling one then draws a second,
+    which seeds RandomSampler's permutation. This sampler makes the same two draws when
+    a pass starts from its first batch, so a run seeded with `torch.manual_seed` sees
+    the batches (and afterwards the random state) of the book's loaders. A pass resumed
+    mid-way (`start_batch` > 0) makes no draws: it reuses `pass_seed`, the seed of the
+    pass it continues, which a checkpoint must therefore keep.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool) -> None:
+        super().__init__(n, batch_size, shuffle, drop_last, seed=0)
+        self.pass_seed: int | None = None
+
+    def _order(self) -> list[int]:
+        if self.start_batch == 0:
+            _global_int64()  # the loader iterator's base seed, unused without workers
+            self.pass_seed = _global_int64() if self.shuffle else None
+        if not self.shuffle:
+            return list(range(self.n))
+        if self.pass_seed is None:
+            raise BadInputError("a shuffled pass resumed mid-way needs the seed it was shuffled "
+                                "with (pass_seed); the checkpoint holds none")
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.pass_seed)).tolist()

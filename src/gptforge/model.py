@@ -353,3 +353,47 @@ def set_dropout(model: GPTModel, rate: float) -> None:
         if hasattr(module, "drop_rate"):
             module.drop_rate = rate
     model.cfg.drop_rate = rate
+
+
+def init_like_book(model: GPTModel) -> None:
+    """Draw every weight of `model` again from torch's global RNG, as the book's GPTModel
+    draws its own when it is built: the same initialisers (PyTorch's defaults for
+    nn.Embedding and nn.Linear), in the same order, with W_query, W_key and W_value as
+    three layers (rows 0..D-1, D..2D-1 and 2D..3D-1 of our fused `qkv`).
+
+    After `torch.manual_seed(s)` this gives the weights the book's model gets after
+    `torch.manual_seed(s)`, and leaves the RNG where the book's leaves it. The draws are
+    made on the CPU, as the book builds its model there, whatever device `model` is on.
+    """
+    if model.cfg.tie_weights:
+        raise BadInputError("the book's model has an output head of its own: init_like_book needs "
+                            "a model with tie_weights=False (book_config gives one)")
+
+    def embedding(weight: torch.Tensor) -> None:
+        weight.copy_(nn.init.normal_(torch.empty(weight.shape)))
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        w = nn.init.kaiming_uniform_(torch.empty(weight.shape), a=math.sqrt(5))  # nn.Linear's own
+        weight.copy_(w)
+        if bias is not None:
+            bound = 1 / math.sqrt(weight.shape[1])
+            bias.copy_(nn.init.uniform_(torch.empty(bias.shape), -bound, bound))
+
+    D = model.cfg.emb_dim
+    with torch.no_grad():
+        embedding(model.emb.tok.weight)
+        embedding(model.emb.pos.weight)
+        for block in model.blocks:
+            qkv = block.attn.qkv
+            for part in range(3):  # W_query, W_key, W_value
+                rows = slice(part * D, (part + 1) * D)
+                linear(qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
+            linear(block.attn.proj.weight, block.attn.proj.bias)  # out_proj
+            linear(block.ff.fc.weight, block.ff.fc.bias)
+            linear(block.ff.proj.weight, block.ff.proj.bias)
+            for norm in (block.norm1, block.norm2):  # the book's LayerNorm: scale 1, shift 0
+                nn.init.ones_(norm.weight)
+                nn.init.zeros_(norm.bias)
+        nn.init.ones_(model.final_norm.weight)
+        nn.init.zeros_(model.final_norm.bias)
+        linear(model.out_head.weight, None)

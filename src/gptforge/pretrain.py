@@ -7,7 +7,8 @@ bias, untied head, dropout 0.1) trained from scratch on "The Verdict" for 10 epo
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -20,7 +21,7 @@ from gptforge.data import GPTDataset, TokenFileDataset, check_language_model, ch
 from gptforge.errors import BadInputError
 from gptforge.families import DecoderConfig, small_config
 from gptforge.loader import load
-from gptforge.model import GPTModel, set_dropout
+from gptforge.model import CausalSelfAttention, GPTModel, init_like_book, set_dropout
 from gptforge.training import Callback, TrainConfig, Trainer, TrainResult, lm_loss
 
 SAMPLE_PROMPT = "Every effort moves you"
@@ -153,6 +154,51 @@ def load_datasets(data: PretrainData, context_length: int) -> tuple[torch.utils.
     return train, val
 
 
+def was_book_exact(run_dir: str | os.PathLike) -> bool:
+    """Whether the pretraining run in `run_dir` was started with `book_exact=True`."""
+    data = RunMeta.read(run_dir).data
+    return bool(isinstance(data, dict) and data.get(BOOK_EXACT_KEY))
+
+
+BOOK_EXACT_KEY = "book_exact"  # in a run's RunMeta.data, beside the PretrainData fields
+
+
+def _check_book_exact(model: nn.Module, cfg: TrainConfig, base_model: str | None) -> TrainConfig:
+    """Refuse what the book's chapter-5 code cannot do; return `cfg` with its precision fixed
+    to float32 (the book trains in float32; "auto" could mean bfloat16 on a GPU)."""
+    if not isinstance(model, GPTModel):
+        raise BadInputError("book_exact reproduces the book's GPT-2 model; this model is a "
+                            f"{type(model).__name__} (--arch {getattr(model.cfg, 'arch', '?')}): leave "
+                            "out --arch, or --book-exact")
+    if base_model is not None and not base_model.startswith("init:"):
+        raise BadInputError(f"book_exact trains a fresh model from the book's initialisation, drawing its "
+                            f"weights again; {base_model} is a trained model: leave out --book-exact "
+                            f"to continue training it")
+    if model.cfg.tie_weights:
+        raise BadInputError("book_exact needs the book's untied output head (tie_weights=False, as "
+                            "book_config gives); this model ties it to the token embedding")
+    if cfg.precision == "bf16":
+        raise BadInputError("book_exact trains in float32 as the book does; leave out --precision bf16")
+    return replace(cfg, precision="fp32")
+
+
+@contextmanager
+def _explicit_attention(model: GPTModel):
+    """Run attention as the book's code: the explicit softmax(QK^T / sqrt(d)) with an
+    nn.Dropout on the attention weights, whose mask is drawn as the book's, instead of
+    the fused kernel's own dropout. The model's config (and so its checkpoints) keeps
+    its kernel; both compute the same attention."""
+    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    kept = [m.impl for m in layers]
+    for m in layers:
+        m.impl = "math"
+    try:
+        yield
+    finally:
+        for m, impl in zip(layers, kept):
+            m.impl = impl
+
+
 def pretrain(
     model: GPTModel,
     data: PretrainData,
@@ -162,20 +208,44 @@ def pretrain(
     callbacks: Mapping[str, Callback] | None = None,
     progress: bool = False,
     base_model: str | None = None,
+    book_exact: bool = False,
 ) -> TrainResult:
     """Train `model` on `data`, writing checkpoints, metrics and loss.png to `out_dir`.
 
     `callbacks` maps trainer events ("on_eval", "on_epoch_end") to functions of the
     trainer. `base_model` records where the weights started (a preset for a fresh
     model, or the checkpoint that training continues).
+
+    `book_exact` makes every random draw as the book's chapter-5 code makes it, so its
+    run (`book_config`, The Verdict, the default TrainConfig with grad_clip=None) prints
+    the book's losses and samples: the model's weights are drawn again as the book's
+    GPTModel draws them after `torch.manual_seed(cfg.seed)` (so give a fresh GPT-2
+    model; the weights it has are replaced), attention dropout acts on the attention
+    weights, and the trainer shuffles and steps as the book's loop (`Trainer`'s
+    `book_exact`). It trains in float32, a little slower than the default path. The
+    run records the mode: resume it with book_exact=True, and it continues exactly.
     """
     check_vocabulary(model.cfg, "the model")
     check_language_model(model, f"the model ({base_model})" if base_model else "the model")
+    if resume and was_book_exact(out_dir) != book_exact:
+        how = "without" if book_exact else "with"
+        raise BadInputError(f"{out_dir} was started {how} book_exact: resume it {how} it as well "
+                            f"(book_exact={not book_exact}), so that it continues the same run")
+    if book_exact:
+        cfg = _check_book_exact(model, cfg, base_model)
     train, val = load_datasets(data, model.cfg.context_length)
-    meta = RunMeta(model=model.cfg, task="lm", data=asdict(data), base_model=base_model)
-    trainer = Trainer(model, train, val, lm_loss, cfg, out_dir, meta, progress=progress)
+    meta_data = asdict(data)
+    if book_exact:
+        meta_data[BOOK_EXACT_KEY] = True
+        if not resume:
+            torch.manual_seed(cfg.seed)  # as the book seeds right before building its model
+            init_like_book(model)
+    meta = RunMeta(model=model.cfg, task="lm", data=meta_data, base_model=base_model)
+    trainer = Trainer(model, train, val, lm_loss, cfg, out_dir, meta, progress=progress,
+                      book_exact=book_exact)
     for event, fn in (callbacks or {}).items():
         trainer.add_callback(event, fn)
     if resume:
         trainer.resume(out_dir)
-    return trainer.fit()
+    with _explicit_attention(model) if book_exact else nullcontext():
+        return trainer.fit()

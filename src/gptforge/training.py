@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gptforge import faults, runtime, train_state
 from gptforge.checkpoint import BASE_DIR, META_NAME, RunMeta, save_model
-from gptforge.data import ResumableBatchSampler
+from gptforge.data import GlobalSeedBatchSampler, ResumableBatchSampler
 from gptforge.errors import BadInputError, GptforgeError
 from gptforge.fileio import atomic_write_json
 from gptforge.finetune.lora import has_lora, without_lora
@@ -130,6 +130,12 @@ class Trainer:
     where its weights started); a model with LoRA adapters is saved as adapters
     only. `metrics` are evaluated with the loss; see the module docstring for
     callbacks.
+
+    `book_exact` draws random numbers as the book's `train_model_simple` does with
+    PyTorch DataLoaders under `torch.manual_seed`: the shuffles (each training epoch and
+    each evaluation pass over the training set) come from torch's global RNG, AdamW
+    decays every parameter (PyTorch's default implementation, not the fused one), and
+    there is no extra evaluation after the last step. One process, no torch.compile.
     """
 
     def __init__(
@@ -144,8 +150,10 @@ class Trainer:
         collate_fn: Callable | None = None,
         metrics: dict[str, MetricFn] | None = None,
         progress: bool = False,
+        book_exact: bool = False,
     ) -> None:
         self.cfg, self.loss_fn, self.metrics = cfg, loss_fn, metrics or {}
+        self.book_exact = book_exact
         self.out_dir, self.meta, self.progress = Path(out_dir), meta, progress
         self.callbacks: dict[str, list[Callback]] = defaultdict(list)
         self.rank, self.world_size = runtime.process_rank()
@@ -156,31 +164,42 @@ class Trainer:
         self.model = model.to(self.device)
         self.ddp = runtime.wrap_distributed(self.model, self.device)
         self.train_model = self.ddp or self.model
+        if book_exact and (self.world_size > 1 or cfg.compile):
+            raise BadInputError("book-exact training runs on one process without torch.compile, as the "
+                                "book's code does: leave out --compile and torchrun")
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
         if len(train_data) == 0:
             raise BadInputError("the training set is empty")
         self.collate_fn = collate_fn
-        self.train_sampler = ResumableBatchSampler(len(train_data), cfg.batch_size, True, True,
-                                                   cfg.seed, self.rank, self.world_size)
+        if book_exact:
+            self.train_sampler = GlobalSeedBatchSampler(len(train_data), cfg.batch_size, True, True)
+        else:
+            self.train_sampler = ResumableBatchSampler(len(train_data), cfg.batch_size, True, True,
+                                                       cfg.seed, self.rank, self.world_size)
         if len(self.train_sampler) == 0:
             raise BadInputError(f"the training set has {len(train_data)} examples, fewer than one "
                                 f"batch of {cfg.batch_size}: lower --batch-size or add data")
         self.train_loader = self._loader(train_data, self.train_sampler)
-        self.train_eval_loader = self._loader(train_data, self._eval_sampler(train_data))
+        # The book evaluates on its shuffled training loader: a new shuffle every evaluation.
+        self.train_eval_loader = self._loader(train_data, self._eval_sampler(train_data, shuffle=book_exact))
         self.val_loader = self._loader(val_data, self._eval_sampler(val_data)) if val_data else None
 
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
         if not decay and not no_decay:
             raise BadInputError("the model has no trainable parameters")
-        # Weight decay applies to matrices only, not to biases and LayerNorm gains.
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas, fused=self.device.type in ("cuda", "cpu") or None,
-        )
+        if book_exact:  # the book's AdamW(model.parameters(), ...): every parameter decays
+            self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                               lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        else:
+            # Weight decay applies to matrices only, not to biases and LayerNorm gains.
+            self.optimizer = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": cfg.weight_decay},
+                 {"params": no_decay, "weight_decay": 0.0}],
+                lr=cfg.lr, betas=cfg.betas, fused=self.device.type in ("cuda", "cpu") or None,
+            )
         self.steps_per_epoch = len(self.train_sampler) // cfg.grad_accum
         if self.steps_per_epoch == 0:
             raise BadInputError("grad_accum is larger than the number of batches in one epoch")
@@ -212,9 +231,11 @@ class Trainer:
                 fn(self)
 
     # -- setup -----------------------------------------------------------------------
-    def _eval_sampler(self, data: Dataset | None) -> ResumableBatchSampler | None:
+    def _eval_sampler(self, data: Dataset | None, shuffle: bool = False) -> ResumableBatchSampler | None:
         if data is None or len(data) == 0:
             return None
+        if self.book_exact:  # as the book's loaders: the training set's drops its last partial batch
+            return GlobalSeedBatchSampler(len(data), self.cfg.batch_size, shuffle, drop_last=shuffle)
         size = max(self.cfg.batch_size, self.world_size)
         size -= size % self.world_size
         return ResumableBatchSampler(len(data), size, False, self.world_size > 1, self.cfg.seed,
@@ -341,12 +362,15 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the weights that an exact resume needs, at the last safe point."""
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "tokens_seen": self.tokens_seen, "best_val": self.best_val,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": self._safe_rng or train_state.capture_rng(), "pending": list(self._pending),
-                "recent_losses": list(self._recent), "history": self.history[:self._safe_history],
-                "config": asdict(self.cfg)}
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "tokens_seen": self.tokens_seen, "best_val": self.best_val,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": self._safe_rng or train_state.capture_rng(), "pending": list(self._pending),
+                 "recent_losses": list(self._recent), "history": self.history[:self._safe_history],
+                 "config": asdict(self.cfg)}
+        if self.book_exact:  # the shuffle of the epoch under way, drawn when it began
+            state["book_pass_seed"] = self.train_sampler.pass_seed
+        return state
 
     def save_checkpoint(self, periodic: bool = False) -> None:
         """Write a complete checkpoint of the run as it stands (rank 0 only) and make it current.
@@ -387,6 +411,11 @@ class Trainer:
         """
         run = Path(run_dir or self.out_dir)
         state, folder = train_state.load_training_state(run)
+        if self.book_exact != ("book_pass_seed" in state):
+            how = "with" if "book_pass_seed" in state else "without"
+            raise BadInputError(f"{run} was trained {how} book-exact random draws; resume it {how} them "
+                                f"(--book-exact, pretrain(..., book_exact=...)), or it would not continue "
+                                f"the same run")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
@@ -394,6 +423,8 @@ class Trainer:
         self.best_val, self.history = state["best_val"], state["history"]
         self._pending, self._recent = list(state.get("pending", [])), list(state.get("recent_losses", []))
         train_state.restore_rng(state["rng"])
+        if self.book_exact:
+            self.train_sampler.pass_seed = state["book_pass_seed"]
         self._safe_rng, self._safe_history, self._last_saved = state["rng"], len(self.history), self.step
         self.meta = self.meta.replace(base_model=RunMeta.read(run).base_model or self.meta.base_model)
         if self.rank == 0:
@@ -490,7 +521,8 @@ class Trainer:
                             bar.update(1)
                             bar.set_postfix(loss=f"{self._recent[-1]:.3f}", epoch=self.epoch + 1)
                         phases = []
-                        if (self.step - 1) % cfg.eval_every == 0 or self.step == self.total_steps:
+                        last = self.step == self.total_steps and not self.book_exact
+                        if (self.step - 1) % cfg.eval_every == 0 or last:
                             phases.append("eval")
                         if cfg.save_every and self.step % cfg.save_every == 0:
                             phases.append("save")

@@ -25,8 +25,18 @@ from gptforge.errors import BadInputError
 
 # The book's chapter-5 settings are TrainConfig's defaults; gptforge adds gradient clipping,
 # which keeps the short Verdict run from the loss spikes it otherwise sometimes shows
-# (`--grad-clip 0` turns it off).
-PRETRAIN_DEFAULTS = dict(grad_clip=1.0)
+# (`--grad-clip 0` turns it off). --book-exact trains without it, as the book does.
+GRAD_CLIP = 1.0
+# The parser's default is None ("not given"), so that --book-exact can tell an explicit
+# --grad-clip from the default; cmd_pretrain puts the default in.
+PRETRAIN_DEFAULTS = dict(grad_clip=None)
+BOOK_EXACT_HELP = (
+    "draw every random number as the book's chapter-5 code does (weight init order, dropout "
+    "on the attention weights, the DataLoader shuffles under torch.manual_seed, AdamW on every "
+    "parameter, no gradient clipping unless --grad-clip is given, float32), so the default "
+    "Verdict run prints the book's losses and samples, lines in the book's format; somewhat "
+    "slower. Needs a fresh GPT-2 model (no --arch, no checkpoint as --model); no --compile or "
+    "torchrun. A run started with it resumes with it, exactly")
 
 
 def add_commands(sub) -> None:
@@ -54,6 +64,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<data>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
     p.add_argument("--sample-prompt", default="Every effort moves you")
+    p.add_argument("--book-exact", action="store_true", help=BOOK_EXACT_HELP)
     add_train_args(p, **PRETRAIN_DEFAULTS)
     p.set_defaults(func=cmd_pretrain)
 
@@ -72,7 +83,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from gptforge.checkpoint import default_run_dir
     from gptforge.config import canonical_preset
     from gptforge.loader import load, read_run
-    from gptforge.pretrain import PretrainData, build_or_load_model, initial_model, new_model_config, pretrain
+    from gptforge.pretrain import (
+        BOOK_EXACT_KEY,
+        PretrainData,
+        build_or_load_model,
+        initial_model,
+        new_model_config,
+        pretrain,
+    )
     from gptforge.tokenizer import get_tokenizer, text_to_ids
     from gptforge.train_state import has_checkpoint
 
@@ -83,7 +101,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         refuse_on_resume(args, NEW_RUN_FLAGS)
         out = Path(args.resume)
         meta = read_run(out)
-        data = PretrainData(**(meta.data or {}))
+        saved = dict(meta.data or {})
+        book_exact = bool(saved.pop(BOOK_EXACT_KEY, False))
+        if args.book_exact and not book_exact:
+            raise BadInputError(f"{out} was started without --book-exact; a run cannot switch to it "
+                                f"half-way: resume it without the flag, or start a new run with it")
+        if book_exact:
+            say(f"{out} is a --book-exact run: it continues with the book's random draws")
+        data = PretrainData(**saved)
         cfg = train_config(args, out)
         base = meta.base_model
         if has_checkpoint(out):
@@ -107,6 +132,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                             data=str(Path(args.data).absolute()) if args.data else None,
                             train_ratio=0.9 if args.train_ratio is None else args.train_ratio,
                             stride=args.stride)
+        book_exact = args.book_exact
+        if book_exact and (arch is not None or (args.model and canonical_preset(args.model) is None)):
+            raise BadInputError("--book-exact trains the book's fresh GPT-2 model; leave out --arch and "
+                                "give --model only as a preset (gpt2-small, ...), or leave out --book-exact")
+        if args.grad_clip is None:
+            args.grad_clip = 0.0 if book_exact else GRAD_CLIP
         cfg = train_config(args)
         name = Path(args.data).stem if args.data else (Path(args.text[0]).stem if args.text else "verdict")
         out = Path(args.out) if args.out else default_run_dir(f"{Path(source).name}-{name}")
@@ -132,11 +163,22 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
         model = trainer.model
         ids = torch.tensor([text_to_ids(args.sample_prompt, tokenizer)], device=model.emb.tok.weight.device)
-        say(tokenizer.decode(generate(model, ids, 50)[0].tolist()).replace("\n", " "))
+        # Book-exact: without a KV cache, every token from a whole forward pass, as the book's.
+        out_ids = generate(model, ids, 50, use_cache=not book_exact)
+        say(tokenizer.decode(out_ids[0].tolist()).replace("\n", " "))
 
     start = time.perf_counter()
     result = pretrain(model, data, cfg, out, resume=resume,
-                      callbacks={"on_eval": print_eval, "on_epoch_end": sample},
-                      progress=not args.no_progress, base_model=base)
+                      callbacks={"on_eval": print_book_eval if book_exact else print_eval,
+                                 "on_epoch_end": sample},
+                      progress=not args.no_progress, base_model=base, book_exact=book_exact)
     print_finish(result, (time.perf_counter() - start) / 60, out)
     return 0
+
+
+def print_book_eval(trainer) -> None:
+    """An evaluation line as the book's train_model_simple prints it: its step counter
+    starts at 0 (ours counts steps done), and no speed."""
+    r = trainer.history[-1]
+    say(f"Ep {r['epoch']} (Step {r['step'] - 1:06d}): Train loss {r['train_loss']:.3f}, "
+        f"Val loss {r['val_loss']:.3f}")
