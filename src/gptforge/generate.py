@@ -81,6 +81,7 @@ class DecodeLinear(nn.Linear):
         self.training = layer.training  # set, not train(): that would pick the standard layout
         self.parts = parts if self.in_features % parts == 0 and not self.small else 1
         self.pack = self.pack_batches  # use_decode_layout turns it off when memory is short
+        self.pack_chunks = False  # float32 chunks of one sequence packed too (speculative decoding)
         self._packed: tuple[torch.Tensor, tuple[int, int]] | None = None  # (weight, its version)
         self.decode_layout()
 
@@ -148,8 +149,10 @@ class DecodeLinear(nn.Linear):
         if rows > self.max_rows or self.small or x.requires_grad or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         # float32 packs only for several sequences decoding together (x: (B, 1, D), B > 1), not
-        # for a short prompt of one: the copy would double the memory of a batch-1 user.
-        f32_batch = self.weight.dtype == torch.float32 and rows > 1 and x.dim() == 3 and x.shape[1] == 1
+        # for a short prompt of one: the copy would double the memory of a batch-1 user. A
+        # model that verifies a draft's tokens (a chunk of 2-16 rows every step) asks for it.
+        f32_batch = self.weight.dtype == torch.float32 and rows > 1 and (
+            self.pack_chunks or (x.dim() == 3 and x.shape[1] == 1))
         if self.pack and self.packable and x.dtype == self.weight.dtype and (
                 f32_batch or self.weight.dtype != torch.float32):
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), self._packed_weight(), self.bias,
@@ -213,6 +216,18 @@ def use_decode_layout(model: nn.Module, parts: int | None = None) -> nn.Module:
     room = available is None or unpacked < available // 2
     for layer in layers:
         layer.pack = DecodeLinear.pack_batches and (room or layer._packed is not None)
+    return model
+
+
+def pack_chunks(model: nn.Module) -> nn.Module:
+    """Let a model in the decode layout run float32 inputs of 2 to `DecodeLinear.max_rows`
+    rows of one sequence through the prepacked product too, as speculative decoding's
+    check of a draft's tokens does every step: such a pass then costs about what one
+    token's does (about half otherwise; docs/benchmarks.md), for a packed copy of each
+    large weight (only where `use_decode_layout` found room). Returns the model."""
+    for module in model.modules():
+        if isinstance(module, DecodeLinear):
+            module.pack_chunks = True
     return model
 
 

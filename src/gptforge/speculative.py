@@ -32,7 +32,15 @@ import torch
 from torch import nn
 
 from gptforge.errors import BadInputError
-from gptforge.generate import StopIds, check_sampling, decode_one, filter_logits, stop_set, use_decode_layout
+from gptforge.generate import (
+    StopIds,
+    check_sampling,
+    decode_one,
+    filter_logits,
+    pack_chunks,
+    stop_set,
+    use_decode_layout,
+)
 from gptforge.model import KVCache
 
 
@@ -158,6 +166,7 @@ def speculative_stream(
     for model in (target, draft):
         model.eval()
         use_decode_layout(model)
+    pack_chunks(target)  # its check of k + 1 tokens costs about one token's pass
     big = Sequence1.new(target, use_cache, ctx)
     small = Sequence1.new(draft, use_cache, ctx)
     greedy = temperature == 0.0

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from gptforge.errors import BadInputError
-from gptforge.generate import TextStream, check_sampling, sample, stop_set, use_decode_layout
+from gptforge.generate import TextStream, check_sampling, pack_chunks, sample, stop_set, use_decode_layout
 from gptforge.model import GPTModel, KVCache
 from gptforge.serve.logprobs import MAX_LOGPROBS, TokenLogprob, score_batches, token_logprobs
 from gptforge.speculative import Sequence1, SpeculationStats, check_pair, speculate
@@ -412,6 +412,7 @@ class Engine:
         if self._drafting is None or self._drafting[0] is not gen:
             draft_ctx = min(self.context_length, self.draft.cfg.context_length)
             use_decode_layout(self.draft)
+            pack_chunks(self.model)  # the model's check of the draft's tokens
             self._drafting = (gen, Sequence1(self.draft, self.draft.new_cache(1, draft_ctx)))
         small = self._drafting[1]
         p = gen.params
