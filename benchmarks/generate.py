@@ -8,7 +8,14 @@ the median tokens/s per engine is reported with its ratio to transformers.
     python benchmarks/generate.py --rounds 3 --tokens 100 [--bandwidth] [--trained-run runs/gpt2-small-verdict]
 
 With --trained-run, also compares int8 and float32 perplexity on The Verdict's
-validation text (the last 10%) for a model trained by gptforge.
+validation text (the last 10%) for a model trained by gptforge: float32, per-channel int8
+(`quantize_int8`) and the per-tensor dynamic int8 of `torch.ao.quantization` it replaced.
+
+With --int8, it compares instead float32, that old dynamic int8 and `quantize_int8` in one
+process, alternating round by round at the same thread count, on random gpt2-small and
+Qwen3-0.6B-shaped models (--int8-layers N keeps the first N blocks of each):
+
+    python benchmarks/generate.py --int8 --rounds 3 --tokens 50 [--int8-layers 8]
 
 With --family, it compares instead gptforge and transformers on random models of the
 released shapes of Qwen3 / Llama 3 presets, in each dtype of --dtype:
@@ -92,6 +99,8 @@ def worker(engine: str, weights: str, tokens: int) -> dict:
             from gptforge.quantize import quantize_int8
 
             model = quantize_int8(model)
+        elif engine == "gptforge-int8-dynamic":
+            model = dynamic_int8(model)
         prompts = [tok.encode(p) for p in BATCH_PROMPTS]
 
         def run(n):
@@ -228,6 +237,25 @@ def print_family_table(name: str, dtype: str, tokens: int, made: dict, records: 
               f"{len(set(mine))} distinct)")
 
 
+def dynamic_int8(model):
+    """gptforge's int8 before `quantize_int8` (kept here as the reference it replaced): PyTorch's
+    deprecated dynamic quantization, one scale per weight tensor, activations quantized per call."""
+    import copy
+    import warnings
+
+    import torch
+    from torch import nn
+
+    from gptforge.generate import plain_linears
+
+    copied = plain_linears(copy.deepcopy(model.to("cpu").eval()))  # it swaps exact nn.Linear only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(copied, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
 def perplexity_check(run_dir: str) -> dict:
     from gptforge import load
     from gptforge.download import download
@@ -239,7 +267,52 @@ def perplexity_check(run_dir: str) -> dict:
     model = load(run_dir)
     fp32 = evaluate_string(model, val)["perplexity"]
     int8 = evaluate_string(quantize_int8(model), val)["perplexity"]
-    return {"fp32_ppl": fp32, "int8_ppl": int8, "relative_change": int8 / fp32 - 1}
+    dynamic = evaluate_string(dynamic_int8(model), val)["perplexity"]
+    return {"fp32_ppl": fp32, "int8_ppl": int8, "relative_change": int8 / fp32 - 1,
+            "dynamic_int8_ppl": dynamic, "dynamic_relative_change": dynamic / fp32 - 1}
+
+
+def int8_benchmark(rounds: int, tokens: int, layers: int | None) -> None:
+    """--int8: float32, the old dynamic int8 and `quantize_int8` on random models, in this one
+    process, alternating round by round; prints tokens/s ratios to float32 and greedy agreement."""
+    import torch
+
+    import gptforge
+    from gptforge import GPTConfig, GPTModel
+    from gptforge.decoder import DecoderModel
+    from gptforge.families import DecoderConfig
+    from gptforge.quantize import quantize_int8
+
+    extra = {} if layers is None else {"n_layers": layers}
+    shapes = [("gpt2-small", lambda: GPTModel(GPTConfig.from_name("gpt2-small", drop_rate=0.0, **extra))),
+              ("qwen3-0.6b", lambda: DecoderModel(DecoderConfig.from_name("qwen3-0.6b", **extra)))]
+    ids = torch.tensor([FAMILY_PROMPT_IDS])
+    for name, build in shapes:
+        torch.manual_seed(0)
+        base = build().eval()
+        models = {"float32": base, "int8 dynamic (old)": dynamic_int8(base), "int8 per-channel": quantize_int8(base)}
+        speeds: dict[str, list[float]] = {k: [] for k in models}
+        new_ids = {}
+        for label, model in models.items():
+            gptforge.generate(model, ids, 5)  # warm-up: the decode layout, kernel selection
+        for _ in range(rounds):
+            for label, model in models.items():
+                start = time.perf_counter()
+                out = gptforge.generate(model, ids, tokens)[0, ids.shape[1]:].tolist()
+                speeds[label].append(tokens / (time.perf_counter() - start))
+                new_ids[label] = out
+        n_layers = base.cfg.n_layers
+        print(f"\n{name} shape, random weights, {n_layers} layers; batch 1, {len(FAMILY_PROMPT_IDS)} prompt ids, "
+              f"{tokens} new tokens, greedy; {torch.get_num_threads()} threads; one process, {rounds} "
+              f"alternating rounds; ratios of median tokens/s\n")
+        print("| weights | vs float32 | vs old int8 | greedy tokens equal to float32 |")
+        print("| --- | ---: | ---: | ---: |")
+        f32, old = statistics.median(speeds["float32"]), statistics.median(speeds["int8 dynamic (old)"])
+        for label in models:
+            med = statistics.median(speeds[label])
+            same = sum(a == b for a, b in zip(new_ids[label], new_ids["float32"]))
+            print(f"| {label} | {med / f32:.2f}x | {med / old:.2f}x | {same} of {tokens} |")
+        del models, base
 
 
 def bandwidth() -> None:
@@ -289,6 +362,10 @@ def main() -> None:
                    help="with --family: the dtypes to write and load the weights in (default: bfloat16)")
     p.add_argument("--threads", type=int, default=None,
                    help="with --family: torch.set_num_threads in every run (default: PyTorch's own)")
+    p.add_argument("--int8", action="store_true",
+                   help="compare float32, the old dynamic int8 and quantize_int8 in one process instead")
+    p.add_argument("--int8-layers", type=int, default=None,
+                   help="with --int8: keep this many blocks of each model (default: all)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-dtype", default=None, help=argparse.SUPPRESS)
@@ -302,6 +379,9 @@ def main() -> None:
         return
     if args.worker:
         print(json.dumps(worker(args.worker, args.weights, args.tokens)))
+        return
+    if args.int8:
+        int8_benchmark(args.rounds, args.tokens, args.int8_layers)
         return
     if args.family:
         family_benchmark(__file__, args.family, args.dtype, args.rounds, args.tokens, args.threads)
