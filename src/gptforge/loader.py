@@ -49,6 +49,8 @@ from gptforge.pretrained.hf import (
 from gptforge.pretrained.hf import (
     WEIGHTS_INDEX_NAME,
     config_from_hf,
+    hf_config_file,
+    hf_weight_files,
     read_hf_checkpoint,
 )
 from gptforge.pretrained.hf_decoder import MODEL_TYPES, config_from_hf_decoder, read_model_type, state_from_hf
@@ -261,20 +263,13 @@ def _load_hf_decoder(path: Path, device, dtype: torch.dtype | None, verify: bool
     meta device (so loading needs the model's size in memory once)."""
     from safetensors import safe_open
 
-    folder = path if path.is_dir() else path.parent
+    config_file = hf_config_file(path)
     try:
-        cfg = config_from_hf_decoder(json.loads((folder / HF_CONFIG_NAME).read_text()))
+        cfg = config_from_hf_decoder(json.loads(config_file.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{folder / HF_CONFIG_NAME} is not valid JSON ({err})") from None
-    if path.is_file():
-        files = [path]
-    elif (folder / WEIGHTS_NAME).is_file():
-        files = [folder / WEIGHTS_NAME]
-    else:
-        weight_map = json.loads((folder / WEIGHTS_INDEX_NAME).read_text())["weight_map"]
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        raise CheckpointError(f"{config_file} is not valid JSON ({err})") from None
     where: dict[str, object] = {}
-    for file in files:
+    for file in hf_weight_files(path):
         if not file.is_file():
             raise NotFoundError(f"{file} is missing: the shard index lists it; download the model again")
         handle = safe_open(str(file), framework="pt", device="cpu")

@@ -147,27 +147,42 @@ def read_hf_checkpoint(path: str | Path) -> tuple[GPTConfig, SafetensorsWeights]
     `model.safetensors.index.json`), or a `.safetensors` file with `config.json`
     beside it.
     """
+    cfg = config_from_hf(json.loads(hf_config_file(path).read_text()))
+    return cfg, SafetensorsWeights(hf_weight_files(path), cfg.tie_weights)
+
+
+def hf_config_file(path: str | Path) -> Path:
+    """The `config.json` of a Hugging Face checkpoint directory or of a `.safetensors` file
+    (the one beside it); NotFoundError when there is none."""
     path = Path(path)
-    directory = path if path.is_dir() else path.parent
-    config_file = directory / CONFIG_NAME
+    config_file = (path if path.is_dir() else path.parent) / CONFIG_NAME
     if not config_file.is_file():
         raise NotFoundError(f"{config_file} not found: a Hugging Face checkpoint needs its "
                                 f"config.json next to the weights")
-    cfg = config_from_hf(json.loads(config_file.read_text()))
+    return config_file
+
+
+def hf_weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a Hugging Face checkpoint (GPT-2 or another family).
+
+    `path` itself when it is a file; else its directory's (a missing file's: the one
+    it would be in) `model.safetensors`, or the shards its `model.safetensors.index.json`
+    lists, in name order and not checked for existence. NotFoundError when there is neither.
+    """
+    path = Path(path)
     if path.is_file():
-        files = [path]
-    elif (directory / WEIGHTS_NAME).is_file():
-        files = [directory / WEIGHTS_NAME]
-    elif (directory / WEIGHTS_INDEX_NAME).is_file():
+        return [path]
+    directory = path if path.is_dir() else path.parent
+    if (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME]
+    if (directory / WEIGHTS_INDEX_NAME).is_file():
         weight_map = json.loads((directory / WEIGHTS_INDEX_NAME).read_text())["weight_map"]
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-    else:
-        hint = ""
-        if (directory / "pytorch_model.bin").is_file():
-            hint = (" (it has pytorch_model.bin: convert it with transformers, "
-                    "GPT2LMHeadModel.from_pretrained(dir).save_pretrained(out_dir))")
-        raise NotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}{hint}")
-    return cfg, SafetensorsWeights(files, cfg.tie_weights)
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    hint = ""
+    if (directory / "pytorch_model.bin").is_file():
+        hint = (" (it has pytorch_model.bin: convert it with transformers, "
+                "GPT2LMHeadModel.from_pretrained(dir).save_pretrained(out_dir))")
+    raise NotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}{hint}")
 
 
 def save_hf(model: GPTModel, out_dir: str | Path, special: dict | None = None) -> Path:
