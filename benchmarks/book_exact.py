@@ -17,7 +17,6 @@ A side whose results are in --results already is not run again (delete its JSON 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -28,6 +27,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
 
 SIDES = ("book", "exact", "default")
 TITLES = {"book": "book code", "exact": "gptforge --book-exact", "default": "gptforge default"}
@@ -51,17 +55,23 @@ def offline_gpt2_encoding():
     return tiktoken.registry.ENCODINGS["gpt2"]
 
 
-def run_book(epochs: int) -> dict:
-    """The chapter's training run, in the book's own code."""
+def book_setup(text: str, **model_overrides) -> tuple[torch.nn.Module, DataLoader, DataLoader,
+                                                        torch.optim.Optimizer]:
+    """The chapter's model, loaders and optimizer, built by the book's own code.
+
+    `text` (The Verdict) split 90/10 into windows of 256 tokens, batch 2 (the training
+    loader shuffled); GPT-2 small at context 256, dropout 0.1, no QKV bias, with
+    `model_overrides` replacing entries of the book's config dict; AdamW (lr 4e-4,
+    weight decay 0.1); torch.manual_seed(SEED) before the loaders and again before the
+    model, as the chapter does. Returns (model, train_loader, val_loader, optimizer).
+    Shared with tests/test_book_exact.py.
+    """
     import torch
     from llms_from_scratch.ch02 import create_dataloader_v1
     from llms_from_scratch.ch04 import GPTModel
-    from llms_from_scratch.ch05 import train_model_simple
 
     cfg = {"vocab_size": 50257, "context_length": 256, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
-           "drop_rate": 0.1, "qkv_bias": False}
-    tokenizer = offline_gpt2_encoding()
-    text = verdict_text()
+           "drop_rate": 0.1, "qkv_bias": False, **model_overrides}
     split = int(0.90 * len(text))
     torch.manual_seed(SEED)
     train_loader = create_dataloader_v1(text[:split], batch_size=2, max_length=256, stride=256,
@@ -71,6 +81,15 @@ def run_book(epochs: int) -> dict:
     torch.manual_seed(SEED)
     model = GPTModel(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
+    return model, train_loader, val_loader, optimizer
+
+
+def run_book(epochs: int) -> dict:
+    """The chapter's training run, in the book's own code."""
+    from llms_from_scratch.ch05 import train_model_simple
+
+    tokenizer = offline_gpt2_encoding()
+    model, train_loader, val_loader, optimizer = book_setup(verdict_text())
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         train, val, _ = train_model_simple(model, train_loader, val_loader, optimizer, "cpu",
@@ -170,6 +189,8 @@ def report(runs: dict[str, dict]) -> str:
 
 
 def main() -> None:
+    import argparse  # only the command line needs it; tests/test_book_exact.py imports this module
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--side", choices=SIDES + ("all",), default="all")
     p.add_argument("--epochs", type=int, default=10)

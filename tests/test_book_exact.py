@@ -1,14 +1,18 @@
 """`pretrain(..., book_exact=True)` against the book's own chapter-5 code.
 
 The reference is the `llms_from_scratch` package (`pip install --no-deps llms-from-scratch`),
-run here with the chapter's settings: GPT-2 small at context 256 with dropout 0.1 and no QKV
-bias, The Verdict split 90/10 into windows of 256 tokens, batch 2, AdamW (lr 4e-4, weight
-decay 0.1), `torch.manual_seed(123)` before the loaders and again before the model. Both
-sides train 10 steps; every training step's loss and the two evaluations in them (after the
-1st and the 6th step) must agree to the 3 decimals the book prints.
+set up with the chapter's settings by `book_setup` in benchmarks/book_exact.py (the benchmark
+that runs the whole chapter): GPT-2 small at context 256 with dropout 0.1 and no QKV bias,
+The Verdict split 90/10 into windows of 256 tokens, batch 2, AdamW (lr 4e-4, weight decay 0.1),
+`torch.manual_seed(123)` before the loaders and again before the model. Both sides train 10
+steps; every training step's loss and the two evaluations in them (after the 1st and the 6th
+step) must agree to the 3 decimals the book prints.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +26,18 @@ from gptforge.pretrain import PretrainData, pretrain  # noqa: E402
 from gptforge.training import TrainConfig, Trainer  # noqa: E402
 
 STEPS = 10
-SEED = 123
+
+
+def _book_benchmark():
+    """benchmarks/book_exact.py as a module (benchmarks/ is not a package), for the book's setup."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "book_exact.py"
+    spec = importlib.util.spec_from_file_location("book_exact_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BOOK = _book_benchmark()
 
 
 class _Enough(Exception):
@@ -43,11 +58,8 @@ def book_tokenizer():
     gptforge's tokenizer (the same BPE, the same ids), registered under that name."""
     import tiktoken.registry
 
-    from gptforge.tokenizer import get_tokenizer
-
     had = "gpt2" in tiktoken.registry.ENCODINGS
-    tiktoken.registry.ENCODINGS.setdefault("gpt2", get_tokenizer())
-    yield tiktoken.registry.ENCODINGS["gpt2"]
+    yield BOOK.offline_gpt2_encoding()
     if not had:
         del tiktoken.registry.ENCODINGS["gpt2"]
 
@@ -56,21 +68,8 @@ def book_run(text: str, tokenizer, shape: dict) -> tuple[list[float], list[tuple
     """The book's train_model_simple on `text` for STEPS steps: each step's training loss
     and each evaluation's (train, val) losses."""
     import llms_from_scratch.ch05 as ch05
-    from llms_from_scratch.ch02 import create_dataloader_v1
-    from llms_from_scratch.ch04 import GPTModel as BookGPT
 
-    cfg = {"vocab_size": 50257, "context_length": 256, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
-           "drop_rate": 0.1, "qkv_bias": False, **shape}
-    split = int(0.90 * len(text))
-    torch.manual_seed(SEED)
-    train_loader = create_dataloader_v1(text[:split], batch_size=2, max_length=256, stride=256,
-                                        drop_last=True, shuffle=True, num_workers=0)
-    val_loader = create_dataloader_v1(text[split:], batch_size=2, max_length=256, stride=256,
-                                      drop_last=False, shuffle=False, num_workers=0)
-    torch.manual_seed(SEED)
-    model = BookGPT(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
-
+    model, train_loader, val_loader, optimizer = BOOK.book_setup(text, **shape)
     steps: list[float] = []
     evals: list[tuple[float, float]] = []
     book_loss = ch05.calc_loss_batch
