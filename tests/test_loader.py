@@ -60,6 +60,25 @@ def test_every_source_kind_loads_to_identical_logits(tmp_path):
         assert torch.equal(_logits(load(source)), want), source
 
 
+def test_damaged_hf_checkpoints_give_clear_errors(tmp_path):
+    """A sharded GPT-2 checkpoint missing a shard, and a config.json that is not JSON (in a
+    folder whose weights would otherwise load), each give gptforge's own one-line error."""
+    transformers = pytest.importorskip("transformers")
+    from gptforge.pretrained import save_hf
+
+    save_hf(_model(), tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(NotFoundError, match="is missing: the shard index lists it"):
+        load(tmp_path / "sharded")
+    config = tmp_path / "hf" / "config.json"
+    config.write_text('{"model_type": "qwen3", "hidden_size": ')  # cut short
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load(tmp_path / "hf")
+
+
 def test_lora_and_classifier_runs_load_through_the_same_function(tmp_path):
     base = _model()
     save_model(base, tmp_path / "base")

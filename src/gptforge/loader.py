@@ -49,9 +49,9 @@ from gptforge.pretrained.hf import (
 from gptforge.pretrained.hf import (
     WEIGHTS_INDEX_NAME,
     config_from_hf,
-    hf_config_file,
     hf_weight_files,
     read_hf_checkpoint,
+    read_hf_config,
 )
 from gptforge.pretrained.hf_decoder import MODEL_TYPES, config_from_hf_decoder, read_model_type, state_from_hf
 from gptforge.pretrained.names import flat_to_gptforge
@@ -263,15 +263,9 @@ def _load_hf_decoder(path: Path, device, dtype: torch.dtype | None, verify: bool
     meta device (so loading needs the model's size in memory once)."""
     from safetensors import safe_open
 
-    config_file = hf_config_file(path)
-    try:
-        cfg = config_from_hf_decoder(json.loads(config_file.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config_file} is not valid JSON ({err})") from None
+    cfg = config_from_hf_decoder(read_hf_config(path))
     where: dict[str, object] = {}
     for file in hf_weight_files(path):
-        if not file.is_file():
-            raise NotFoundError(f"{file} is missing: the shard index lists it; download the model again")
         handle = safe_open(str(file), framework="pt", device="cpu")
         where.update({key: handle for key in handle.keys()})
 

@@ -147,8 +147,18 @@ def read_hf_checkpoint(path: str | Path) -> tuple[GPTConfig, SafetensorsWeights]
     `model.safetensors.index.json`), or a `.safetensors` file with `config.json`
     beside it.
     """
-    cfg = config_from_hf(json.loads(hf_config_file(path).read_text()))
+    cfg = config_from_hf(read_hf_config(path))
     return cfg, SafetensorsWeights(hf_weight_files(path), cfg.tie_weights)
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """The parsed `config.json` of a checkpoint (see `hf_config_file`); CheckpointError when it
+    is not valid JSON."""
+    config_file = hf_config_file(path)
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_file} is not valid JSON ({err}); download the model again") from None
 
 
 def hf_config_file(path: str | Path) -> Path:
@@ -167,7 +177,7 @@ def hf_weight_files(path: str | Path) -> list[Path]:
 
     `path` itself when it is a file; else its directory's (a missing file's: the one
     it would be in) `model.safetensors`, or the shards its `model.safetensors.index.json`
-    lists, in name order and not checked for existence. NotFoundError when there is neither.
+    lists, in name order. NotFoundError when there is neither, or when a listed shard is missing.
     """
     path = Path(path)
     if path.is_file():
@@ -177,7 +187,11 @@ def hf_weight_files(path: str | Path) -> list[Path]:
         return [directory / WEIGHTS_NAME]
     if (directory / WEIGHTS_INDEX_NAME).is_file():
         weight_map = json.loads((directory / WEIGHTS_INDEX_NAME).read_text())["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
+        shards = [directory / name for name in sorted(set(weight_map.values()))]
+        for shard in shards:
+            if not shard.is_file():
+                raise NotFoundError(f"{shard} is missing: the shard index lists it; download the model again")
+        return shards
     hint = ""
     if (directory / "pytorch_model.bin").is_file():
         hint = (" (it has pytorch_model.bin: convert it with transformers, "
