@@ -105,3 +105,42 @@ def run_json(*args: str) -> dict:
 def run_worker(script: str, engine: str, weights: Path, *args: str) -> dict:
     """Run `script --worker ENGINE --weights W ARGS` in a fresh process; return its JSON line."""
     return run_json(script, "--worker", engine, "--weights", str(weights), *args)
+
+
+def make_peer_checkpoint(weights: Path, directory: Path) -> Path:
+    """The Hugging Face directory `weights` as other engines' converters read it, in `directory`.
+
+    The same weight file (linked, not copied), plus what CTranslate2's and llama.cpp's
+    converters read and transformers' `save_pretrained` of a bare model does not write:
+    GPT-2's tokenizer under Hugging Face's names (vocab.json and merges.txt are OpenAI's
+    encoder.json and vocab.bpe) and, in config.json, `n_ctx` (llama.cpp's GPT-2 converter
+    reads the context length from this key, which the released gpt2 config.json carries).
+    """
+    import shutil
+
+    from gptforge.download import download
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in weights.iterdir():
+        if path.name != "config.json":
+            (directory / path.name).symlink_to(path.resolve())
+    config = json.loads((weights / "config.json").read_text())
+    config.setdefault("n_ctx", config["n_positions"])
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copyfile(download("gpt2-encoder", progress=False), directory / "vocab.json")
+    shutil.copyfile(download("gpt2-vocab", progress=False), directory / "merges.txt")
+    return directory
+
+
+def own_peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB, counted from its own start (Linux's VmHWM).
+
+    Unlike `peak_rss_mib`: ru_maxrss carries over through fork + exec, so a worker started by
+    a parent holding 1.4 GiB reports at least 1.4 GiB there; VmHWM belongs to the process's
+    own address space, which exec replaces.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line (not Linux?)")

@@ -7,6 +7,18 @@ the median tokens/s per engine is reported with its ratio to transformers.
 
     python benchmarks/generate.py --rounds 3 --tokens 100 [--bandwidth] [--trained-run runs/gpt2-small-verdict]
 
+With --peers (or peer names in --engines), other CPU engines run on the same weights, each
+optional and skipped with a message when its package is missing (notes: docs/peers.md):
+CTranslate2 ("ct2" float32, "ct2-int8" int8_float32, converted by its TransformersConverter)
+and llama.cpp through llama-cpp-python, on GGUF files written by llama.cpp's own
+convert_hf_to_gguf.py ("llama.cpp" f32, "llama.cpp-q8_0"; needs --llama-cpp-src, a llama.cpp
+source tree) and by `gptforge convert --to gguf` ("llama.cpp-gptforge", "llama.cpp-gptforge-q8_0").
+Every engine gets the same prompt ids and, with --threads, the same thread count (default:
+PyTorch's own count, which the peers are then given explicitly):
+
+    python benchmarks/generate.py --engines hf gptforge gptforge-int8 --peers --llama-cpp-src DIR \
+        --rounds 3 --tokens 100
+
 With --trained-run, also compares int8 and float32 perplexity on The Verdict's
 validation text (the last 10%) for a model trained by gptforge: float32, per-channel int8
 (`quantize_int8`) and the per-tensor dynamic int8 of `torch.ao.quantization` it replaced.
@@ -34,15 +46,25 @@ to transformers, how many greedy tokens agree, each process's peak RSS and its t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import make_family_weights, make_gpt2_small_weights, peak_rss_mib, run_json, run_worker
+from _common import (
+    make_family_weights,
+    make_gpt2_small_weights,
+    make_peer_checkpoint,
+    own_peak_rss_mib,
+    peak_rss_mib,
+    run_json,
+    run_worker,
+)
 
 PROMPT = "Every effort moves you"
 
@@ -53,6 +75,17 @@ FAMILY_PROMPT_IDS = [791, 3925, 315, 279, 3363, 12302, 449, 264, 2678, 17516, 38
 FAMILY_ENGINES = ["hf", "gptforge"]
 FAMILY_NAMES = ["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]
 DTYPES = ["float32", "bfloat16"]
+
+# Other engines on the same gpt2-small weights: engine -> (the Python package it needs, the
+# weights' format and converter). Each runs from a file converted once before the rounds.
+PEERS = {
+    "ct2": ("ctranslate2", "float32, TransformersConverter"),
+    "ct2-int8": ("ctranslate2", "int8_float32, TransformersConverter"),
+    "llama.cpp": ("llama_cpp", "GGUF f32, llama.cpp's convert_hf_to_gguf.py"),
+    "llama.cpp-q8_0": ("llama_cpp", "GGUF q8_0, llama.cpp's convert_hf_to_gguf.py"),
+    "llama.cpp-gptforge": ("llama_cpp", "GGUF f32, gptforge convert --to gguf"),
+    "llama.cpp-gptforge-q8_0": ("llama_cpp", "GGUF q8_0, gptforge convert --to gguf"),
+}
 
 
 # Eight prompts of different lengths for the batched-generation comparison.
@@ -68,15 +101,18 @@ BATCH_PROMPTS = [
 ]
 
 
-def worker(engine: str, weights: str, tokens: int) -> dict:
+def worker(engine: str, weights: str, tokens: int, threads: int | None = None) -> dict:
     """Load, warm up, then time one generation of `tokens` new tokens.
 
     gptforge runs as a Python API user calls it: `gptforge.load` + `gptforge.generate`,
     nothing else. "gptforge-batch8" generates for all of BATCH_PROMPTS in one call,
     "gptforge-seq8" for each of them in turn; both report new tokens per second.
+    `threads` (--threads) sets torch's thread count; without it, PyTorch's own.
     """
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     from gptforge.tokenizer import get_tokenizer
 
@@ -117,6 +153,129 @@ def worker(engine: str, weights: str, tokens: int) -> dict:
     assert all(len(r) == tokens for r in rows)
     return {"engine": engine, "tokens_per_s": sum(map(len, rows)) / seconds, "new_ids": rows,
             "threads": torch.get_num_threads()}
+
+
+def peer_worker(engine: str, artifact: str, tokens: int, threads: int, prompt_ids: list[int]) -> dict:
+    """One peer measurement: load the converted weights `artifact`, warm up, then time one
+    greedy generation of exactly `tokens` new tokens after `prompt_ids`, on `threads` threads.
+
+    Two figures: `tokens_per_s`, new tokens over the whole call (the prompt's pass included,
+    as for the hf and gptforge engines), and `decode_tokens_per_s`, the tokens after the first
+    over the time after the first token came (the prompt excluded).
+
+    - CTranslate2: `Generator(intra_threads=threads, inter_threads=1)` with the compute type
+      of the conversion, `generate_tokens(max_length=min_length=tokens, sampling_topk=1)`;
+      like transformers' `min_new_tokens`, `min_length` masks the end token until then.
+    - llama.cpp: `Llama(n_threads=n_threads_batch=threads)`, a float32 KV cache (as gptforge's),
+      the prompt evaluated in one batch, then one token at a time; each next token is the
+      argmax of the last logits (gptforge's greedy rule, no end token).
+    """
+    import numpy as np
+
+    start = time.perf_counter()
+    if engine.startswith("ct2"):
+        import ctranslate2
+
+        version = f"ctranslate2 {ctranslate2.__version__}"
+        compute_type = "int8_float32" if engine == "ct2-int8" else "float32"
+        generator = ctranslate2.Generator(artifact, device="cpu", compute_type=compute_type,
+                                          intra_threads=threads, inter_threads=1)
+        vocab = json.loads((Path(artifact) / "vocabulary.json").read_text())
+        prompt = [vocab[i] for i in prompt_ids]
+
+        def steps(n):
+            for step in generator.generate_tokens(prompt, max_length=n, min_length=n, sampling_topk=1):
+                yield step.token_id
+    else:
+        import llama_cpp
+
+        version = f"llama-cpp-python {llama_cpp.__version__}"
+        llm = llama_cpp.Llama(artifact, n_threads=threads, n_threads_batch=threads,
+                              n_ctx=len(prompt_ids) + max(tokens, 5) + 1, type_k=llama_cpp.GGML_TYPE_F32,
+                              type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+        n_vocab = llm.n_vocab()
+
+        def argmax() -> int:
+            logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+            return int(np.ctypeslib.as_array(logits, shape=(n_vocab,)).argmax())
+
+        def steps(n):
+            llm.reset()
+            llm.eval(prompt_ids)
+            token = argmax()
+            yield token
+            for _ in range(n - 1):
+                llm.eval([token])
+                token = argmax()
+                yield token
+    load_s = time.perf_counter() - start
+    list(steps(5))  # warm-up: first-call allocations, kernel selection
+
+    start = time.perf_counter()
+    new, first = [], None
+    for token in steps(tokens):
+        new.append(token)
+        first = first or time.perf_counter()
+    end = time.perf_counter()
+    assert len(new) == tokens, (engine, len(new))
+    return {"engine": engine, "version": version, "tokens_per_s": tokens / (end - start),
+            "decode_tokens_per_s": (tokens - 1) / (end - first) if tokens > 1 else None,
+            "new_ids": [new], "threads": threads, "peak_rss_mib": own_peak_rss_mib(), "load_s": load_s,
+            "artifact_mib": size_mib(Path(artifact))}
+
+
+def size_mib(path: Path) -> float:
+    """The size of a file, or of every file in a folder, in MiB."""
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
+def prepare_peers(engines: list[str], weights: Path, tmp: Path, llama_cpp_src: str | None) -> dict[str, Path]:
+    """Convert `weights` once for each peer engine asked for; returns engine -> converted file.
+
+    An engine whose package (or, for llama.cpp's own converter, --llama-cpp-src) is missing is
+    left out with a message on stderr saying what to install.
+    """
+    peers = [e for e in engines if e in PEERS]
+    missing = {pkg for pkg in {PEERS[e][0] for e in peers} if importlib.util.find_spec(pkg) is None}
+    install = {"ctranslate2": "pip install ctranslate2",
+               "llama_cpp": "pip install llama-cpp-python (builds llama.cpp; see docs/peers.md)"}
+    converter = Path(llama_cpp_src or "") / "convert_hf_to_gguf.py"
+    ready: dict[str, Path] = {}
+    checkpoint = None
+    for engine in peers:
+        package = PEERS[engine][0]
+        if package in missing:
+            print(f"skipping {engine}: the {package} package is not installed ({install[package]})", file=sys.stderr)
+            continue
+        if engine in ("llama.cpp", "llama.cpp-q8_0") and not (llama_cpp_src and converter.is_file()):
+            print(f"skipping {engine}: it needs llama.cpp's convert_hf_to_gguf.py; pass --llama-cpp-src, a llama.cpp "
+                  "source tree (e.g. vendor/llama.cpp of the llama-cpp-python sdist)"
+                  + (f"; {converter} does not exist" if llama_cpp_src else ""), file=sys.stderr)
+            continue
+        if checkpoint is None and "gptforge" not in engine:  # gptforge converts `weights` as they are
+            checkpoint = make_peer_checkpoint(weights, tmp / "gpt2-small-peer")
+        start = time.perf_counter()
+        if engine.startswith("ct2"):
+            from ctranslate2.converters import TransformersConverter
+
+            out = tmp / engine
+            quantization = "int8_float32" if engine == "ct2-int8" else "float32"
+            TransformersConverter(str(checkpoint)).convert(str(out), quantization=quantization, force=True)
+        else:
+            gguf_type = "q8_0" if engine.endswith("q8_0") else "f32"
+            out = tmp / f"{engine}.gguf"
+            if "gptforge" in engine:
+                command = ["-m", "gptforge.cli", "convert", str(weights), str(out), "--to", "gguf",
+                           "--gguf-type", gguf_type]
+            else:
+                command = [str(converter), str(checkpoint), "--outfile", str(out), "--outtype", gguf_type]
+            done = subprocess.run([sys.executable, *command], capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}:\n{done.stderr[-3000:]}")
+        print(f"  {engine}: converted in {time.perf_counter() - start:.0f} s ({PEERS[engine][1]})", file=sys.stderr)
+        ready[engine] = out
+    return ready
 
 
 def family_worker(engine: str, weights: str, tokens: int, dtype_name: str, threads: int | None) -> dict:
@@ -361,7 +520,12 @@ def main() -> None:
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["bfloat16"],
                    help="with --family: the dtypes to write and load the weights in (default: bfloat16)")
     p.add_argument("--threads", type=int, default=None,
-                   help="with --family: torch.set_num_threads in every run (default: PyTorch's own)")
+                   help="torch.set_num_threads in every run, and the peers' thread count (default: PyTorch's own)")
+    p.add_argument("--peers", action="store_true",
+                   help=f"also run the other engines: {', '.join(PEERS)} (see docs/peers.md)")
+    p.add_argument("--llama-cpp-src", default=os.environ.get("LLAMA_CPP_SRC"), metavar="DIR",
+                   help="a llama.cpp source tree holding convert_hf_to_gguf.py, for the llama.cpp and "
+                        "llama.cpp-q8_0 engines (default: $LLAMA_CPP_SRC)")
     p.add_argument("--int8", action="store_true",
                    help="compare float32, the old dynamic int8 and quantize_int8 in one process instead")
     p.add_argument("--int8-layers", type=int, default=None,
@@ -370,6 +534,7 @@ def main() -> None:
     p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-dtype", default=None, help=argparse.SUPPRESS)
     p.add_argument("--write-weights", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prompt-ids", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.write_weights:
         print(json.dumps(make_family_weights(Path(args.weights), args.write_weights, args.dtype[0])))
@@ -377,8 +542,12 @@ def main() -> None:
     if args.worker and args.worker_dtype:
         print(json.dumps(family_worker(args.worker, args.weights, args.tokens, args.worker_dtype, args.threads)))
         return
+    if args.worker in PEERS:
+        prompt_ids = [int(i) for i in args.prompt_ids.split(",")]
+        print(json.dumps(peer_worker(args.worker, args.weights, args.tokens, args.threads, prompt_ids)))
+        return
     if args.worker:
-        print(json.dumps(worker(args.worker, args.weights, args.tokens)))
+        print(json.dumps(worker(args.worker, args.weights, args.tokens, args.threads)))
         return
     if args.int8:
         int8_benchmark(args.rounds, args.tokens, args.int8_layers)
@@ -387,18 +556,35 @@ def main() -> None:
         family_benchmark(__file__, args.family, args.dtype, args.rounds, args.tokens, args.threads)
         return
 
+    engines = args.engines + [e for e in PEERS if args.peers and e not in args.engines]
     with tempfile.TemporaryDirectory() as tmp:
+        import torch
+
+        from gptforge.tokenizer import get_tokenizer
+
         weights = Path(tmp) / "gpt2-small-random"
         make_gpt2_small_weights(weights)
+        artifacts = prepare_peers(engines, weights, Path(tmp), args.llama_cpp_src)
+        engines = [e for e in engines if e not in PEERS or e in artifacts]
+        # The peers get what the torch engines use: the same prompt ids and thread count.
+        prompt_ids = ",".join(map(str, get_tokenizer().encode(PROMPT)))
+        peer_args = ["--threads", str(args.threads or torch.get_num_threads()), "--prompt-ids", prompt_ids]
+        torch_args = ["--threads", str(args.threads)] if args.threads else []
         results: dict[str, list[float]] = {}
         new_ids: dict[str, list[int]] = {}  # each engine's greedy continuation
-        schedule = [e for _ in range(args.rounds) for e in args.engines]
+        peer_records: dict[str, list[dict]] = {}
+        threads: dict[str, set[int]] = {}
+        schedule = [e for _ in range(args.rounds) for e in engines]
         schedule += ["gptforge-nocache"] * args.nocache_rounds
         for engine in schedule:
-            record = run_worker(__file__, engine, weights, "--tokens", str(args.tokens))
+            extra = peer_args if engine in PEERS else torch_args
+            record = run_worker(__file__, engine, artifacts.get(engine, weights), "--tokens", str(args.tokens), *extra)
             results.setdefault(engine, []).append(record["tokens_per_s"])
             new_ids.setdefault(engine, record["new_ids"])
-            print(f"  {engine:18s} {record['tokens_per_s']:6.2f} tok/s", file=sys.stderr)
+            threads.setdefault(engine, set()).add(record["threads"])
+            if engine in PEERS:
+                peer_records.setdefault(engine, []).append(record)
+            print(f"  {engine:18s} {record['tokens_per_s']:6.2f} tok/s  {record['threads']} threads", file=sys.stderr)
     hf = statistics.median(results["hf"]) if "hf" in results else None
     if results:
         print_table(results, hf, args.tokens)
@@ -408,6 +594,12 @@ def main() -> None:
                 same = sum(a == b for a, b in zip(rows[0], new_ids["hf"][0]))
                 print(f"{engine}: {same} of {len(rows[0])} greedy tokens equal transformers' "
                       f"({len(set(rows[0]))} distinct)")
+    if peer_records:
+        print_peer_table(peer_records, new_ids.get("gptforge"), args.tokens, int(peer_args[1]),
+                         len(prompt_ids.split(",")))
+        if len(set().union(*threads.values())) > 1:
+            print("thread counts DIFFER between engines: "
+                  + ", ".join(f"{e} {'/'.join(map(str, sorted(t)))}" for e, t in threads.items()))
     if "gptforge-batch8" in new_ids and "gptforge-seq8" in new_ids:
         same = new_ids["gptforge-batch8"] == new_ids["gptforge-seq8"]
         ratio = statistics.median(results["gptforge-batch8"]) / statistics.median(results["gptforge-seq8"])
@@ -419,6 +611,32 @@ def main() -> None:
     if args.trained_run:
         print("\nint8 vs float32 perplexity on The Verdict's validation text:")
         print(json.dumps(perplexity_check(args.trained_run), indent=2))
+
+
+def print_peer_table(records: dict[str, list[dict]], gptforge_ids: list[list[int]] | None, tokens: int,
+                     threads: int, n_prompt: int) -> None:
+    """The peers' own table: both speeds, the converted file, and greedy agreement with gptforge."""
+    print(f"\nOther engines, the same weights converted once each; batch 1, {n_prompt} prompt ids, {tokens} new "
+          f"tokens, greedy; {threads} thread(s) each; 'whole call' counts the prompt's pass as the table above "
+          f"does, 'decode' the {tokens - 1} tokens after the first over the time after it came\n")
+    print("| engine | weights | tokens/s whole call (median) | decode tokens/s (median) | file | peak RSS "
+          "| greedy tokens equal gptforge's |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    for engine, runs in records.items():
+        whole = statistics.median(r["tokens_per_s"] for r in runs)
+        decode = [r["decode_tokens_per_s"] for r in runs if r["decode_tokens_per_s"]]
+        decode_text = f"{statistics.median(decode):.2f}" if decode else "n/a"
+        mine = runs[0]["new_ids"][0]
+        if gptforge_ids is None:
+            agree = "n/a (run the gptforge engine too)"
+        else:
+            same = sum(a == b for a, b in zip(mine, gptforge_ids[0]))
+            diverge = next((i for i, (a, b) in enumerate(zip(mine, gptforge_ids[0])) if a != b), None)
+            agree = f"{same} of {len(mine)}" + ("" if diverge is None else f", first difference at token {diverge + 1}")
+        print(f"| {engine} ({runs[0]['version']}) | {PEERS[engine][1]} | {whole:.2f} | {decode_text} | "
+              f"{runs[0]['artifact_mib']:.0f} MiB | {max(r['peak_rss_mib'] for r in runs):.0f} MiB | {agree} |")
+        if len({json.dumps(r["new_ids"]) for r in runs}) > 1:
+            print(f"{engine}: greedy tokens DIFFER between its own rounds")
 
 
 def print_table(results: dict[str, list[float]], hf: float | None, tokens: int) -> None:
